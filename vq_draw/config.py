@@ -1,0 +1,144 @@
+"""The per-dataset table, and building or loading a model from a config.
+
+Dataset differences are data: one ``DATASETS`` entry per dataset gives the image
+shape, normalization, refiner, published stages/segment/output scale and the
+published training recipe. Everything else is shared.
+"""
+
+import torch
+
+from .encoder import VQDraw
+from .refiners import REFINERS, build_refiner
+
+DATASETS = {
+    "mnist": dict(
+        shape=(1, 28, 28), mean=0.1307, std=0.3081, stages=10, segment=None, output_scale=0.1,
+        # 50,000 steps of batch 32, lr linearly from 1e-3 to 0.
+        train=dict(batch=32, step_limit=50000, step_interval=1, lr_final=0.0, grad_checkpoint=False),
+    ),
+    "svhn": dict(
+        shape=(3, 32, 32), mean=0.5, std=0.5, stages=20, segment=5, output_scale=0.1,
+        train=dict(batch=32, step_limit=70000, step_interval=16, lr_final=None, grad_checkpoint=False),
+    ),
+    "cifar10": dict(
+        shape=(3, 32, 32), mean=0.5, std=0.5, stages=100, segment=10, output_scale=0.01,
+        train=dict(batch=32, step_limit=34811, step_interval=16, lr_final=None, grad_checkpoint=True),
+    ),
+    "celeba": dict(
+        shape=(3, 64, 64), mean=0.5, std=0.5, stages=100, segment=10, output_scale=0.01,
+        train=dict(batch=32, step_limit=36194, step_interval=16, lr_final=None, grad_checkpoint=True),
+    ),
+}
+
+CHECKPOINT_FORMAT = "vq-draw-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, foreign, or for another architecture."""
+
+
+def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01, final_coeff=0.0,
+                 epsilon=0.0, grad_decay=0.0, grad_checkpoint=False, output_scale=None, loss="mse"):
+    """Build a VQ-DRAW model with the published settings of ``dataset``.
+
+    :param dataset: "mnist", "svhn", "cifar10" or "celeba".
+    :param options: K, proposals per stage (>= 2).
+    :param stages: S (>= 1); None gives the published value.
+    :param segment: stages per refiner network; None gives the published value (MNIST: one
+                    network for all stages). Must be between 1 and ``stages``.
+    :return: a ``VQDraw`` module in training mode, with ``model.config`` holding these arguments.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    spec = DATASETS[dataset]
+    stages = spec["stages"] if stages is None else stages
+    segment = spec["segment"] if segment is None else segment
+    output_scale = spec["output_scale"] if output_scale is None else output_scale
+    _check_int("options", options, 2)
+    _check_int("stages", stages, 1)
+    if segment is not None:
+        _check_int("segment", segment, 1)
+        if segment > stages:
+            raise ValueError(f"segment ({segment}) must not exceed stages ({stages}): each block of "
+                             f"'segment' stages gets its own network")
+    for name, value in dict(aux_coeff=aux_coeff, final_coeff=final_coeff).items():
+        if not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    for name, value in dict(epsilon=epsilon, grad_decay=grad_decay).items():
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    refiner = build_refiner(dataset, options, stages, segment)
+    model = VQDraw(refiner, spec["shape"], stages, options, loss=loss, output_scale=output_scale,
+                   aux_coeff=aux_coeff, final_coeff=final_coeff, epsilon=epsilon,
+                   grad_decay=grad_decay, grad_checkpoint=grad_checkpoint,
+                   mean=spec["mean"], std=spec["std"])
+    model.config = dict(dataset=dataset, options=options, stages=stages, segment=segment,
+                        aux_coeff=aux_coeff, final_coeff=final_coeff, epsilon=epsilon,
+                        grad_decay=grad_decay, grad_checkpoint=grad_checkpoint,
+                        output_scale=output_scale, loss=loss)
+    return model
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+# Settings that change the architecture; the others (coefficients, checkpointing) only
+# change training and may differ between a checkpoint and the command that resumes it.
+ARCHITECTURE_KEYS = ("dataset", "options", "stages", "segment", "loss")
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """Load and validate a checkpoint file: a dict with "format", "config" and "model".
+
+    Raises ``CheckpointError`` with a one-line reason for anything else.
+    """
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
+                              f"not a PyTorch checkpoint ({reason[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a VQ-DRAW checkpoint (no '{CHECKPOINT_FORMAT}' "
+                              f"format tag); was it written by another program?")
+    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}, newer than this "
+                              f"vq_draw understands ({CHECKPOINT_VERSION}); upgrade vq_draw")
+    config = ckpt.get("config")
+    if not isinstance(config, dict) or config.get("dataset") not in REFINERS or \
+            not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path} lacks a valid model config or weights")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild the model described by a validated checkpoint dict and load its weights."""
+    try:
+        model = create_model(**ckpt["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has an invalid model config: {exc}") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match its config "
+                              f"({str(exc).splitlines()[0][:200]})") from None
+    return model
+
+
+def load_model(path, map_location="cpu"):
+    """Rebuild a model from a checkpoint alone; returned in eval mode on ``map_location``."""
+    model = model_from_checkpoint(read_checkpoint(path, map_location), path)
+    return model.to(map_location).eval()
+
+
+def config_mismatch(saved, wanted):
+    """The first architecture setting that differs, as 'name: saved vs wanted', or None."""
+    for key in ARCHITECTURE_KEYS:
+        if saved.get(key) != wanted.get(key):
+            return f"{key}={saved.get(key)!r} in the checkpoint but {key}={wanted.get(key)!r} requested"
+    return None

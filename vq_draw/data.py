@@ -1,0 +1,236 @@
+"""Datasets: torchvision downloads, local folders of images and .npz arrays.
+
+Every dataset yields images in [0, 1] as float tensors ``[C x H x W]`` with the
+named dataset's shape; the model normalizes them itself (``model.normalize``).
+Where to look is decided by ``data_dir``:
+
+- an ``.npz`` file with an ``images`` array (uint8, NHWC): train and test are
+  split from it (the last tenth, at most 1,000 images, is the test split);
+- a folder holding ``train*.npz`` / ``test*.npz`` files;
+- a folder of image files (also ``img_align_celeba/`` inside it), split like an npz;
+- otherwise a torchvision root (default ``./data``), downloaded when missing.
+"""
+
+import glob
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .config import DATASETS
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TORCHVISION_LAYOUT = {
+    "mnist": "MNIST/raw/ (torchvision.datasets.MNIST)",
+    "svhn": "train_32x32.mat and test_32x32.mat (torchvision.datasets.SVHN)",
+    "cifar10": "cifar-10-batches-py/ (torchvision.datasets.CIFAR10)",
+    "celeba": "celeba/img_align_celeba/ with its list files (torchvision.datasets.CelebA)",
+}
+
+
+class DataError(RuntimeError):
+    """Data that is missing, unreadable or cannot be downloaded."""
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as one uint8 tensor [N x C x H x W] (labels optional, [N])."""
+
+    def __init__(self, images, labels=None):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = self.images[index].float() / 255
+        return image if self.labels is None else (image, int(self.labels[index]))
+
+    def batch(self, indices):
+        """Indices [B] -> images [B x C x H x W] in [0, 1], without per-item overhead."""
+        return self.images[indices].float() / 255
+
+
+class ImageFileDataset(Dataset):
+    """Image files read with Pillow, converted to ``shape`` like the named dataset.
+
+    The shorter side is resized to fit, then the center is cropped (for CelebA
+    this is the published Resize(64), CenterCrop(64)).
+    """
+
+    def __init__(self, paths, shape):
+        self.paths = list(paths)
+        self.shape = tuple(shape)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_image(self.paths[index], self.shape)
+
+
+def load_image(path, shape):
+    """Read one image file as a float tensor [C x H x W] in [0, 1] of the given shape."""
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if shape[0] == 1 else "RGB")
+            img = TF.resize(img, min(shape[1:]))
+            img = TF.center_crop(img, list(shape[1:]))
+            return TF.to_tensor(img)
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def load_dataset(name, split="train", data_dir=None, download=True):
+    """The ``split`` ("train" or "test") of dataset ``name``, found as described above."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    shape = DATASETS[name]["shape"]
+    root = data_dir or "data"
+    if data_dir is not None and not os.path.exists(data_dir):
+        raise DataError(f"--data-dir {data_dir} does not exist; give a torchvision root, a folder "
+                        f"of images or an .npz file")
+    if os.path.isfile(root):
+        if not root.endswith(".npz"):
+            raise DataError(f"{root} is a file but not an .npz archive with an 'images' array")
+        return _split(_load_npz(root, shape), split)
+    for folder in (root, os.path.join(root, name)):
+        npz = sorted(glob.glob(os.path.join(folder, f"{split}*.npz")))
+        if npz:
+            return _load_npz(npz[0], shape)
+    images = _image_folder(name, root)
+    if images:
+        return _split(ImageFileDataset(images, shape), split)
+    return _torchvision(name, split, root, download)
+
+
+def _load_npz(path, shape):
+    try:
+        with np.load(path) as archive:
+            images = archive["images"]
+            labels = archive["labels"] if "labels" in archive.files else None
+    except KeyError:
+        raise DataError(f"{path} has no 'images' array (expected uint8 N x H x W x C)") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if images.ndim == 3:
+        images = images[..., None]
+    expected = (shape[1], shape[2], shape[0])
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
+        raise DataError(f"{path}: 'images' must be uint8 of shape N x {' x '.join(map(str, expected))}"
+                        f", got {images.dtype} {images.shape}")
+    labels = None if labels is None else torch.as_tensor(labels).long()
+    return ArrayDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
+
+
+def _image_folder(name, root):
+    """Image files directly in ``root``, or in CelebA's img_align_celeba/ without list files."""
+    candidates = [root]
+    if name == "celeba":
+        for base in (root, os.path.join(root, "celeba")):
+            if not os.path.exists(os.path.join(base, "list_eval_partition.txt")):
+                candidates.append(os.path.join(base, "img_align_celeba"))
+    for folder in candidates:
+        if os.path.isdir(folder):
+            files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if files:
+                return [os.path.join(folder, f) for f in files]
+    return None
+
+
+def _split(dataset, split):
+    """Hold out the last tenth (at most 1,000 images) of a single collection as the test split."""
+    n = len(dataset)
+    held_out = min(1000, max(1, n // 10))
+    if n < 2:
+        raise DataError(f"need at least 2 images to split into train and test, found {n}")
+    indices = range(n - held_out, n) if split == "test" else range(n - held_out)
+    if isinstance(dataset, ArrayDataset):
+        labels = None if dataset.labels is None else dataset.labels[indices.start:indices.stop]
+        return ArrayDataset(dataset.images[indices.start:indices.stop], labels)
+    return ImageFileDataset(dataset.paths[indices.start:indices.stop], dataset.shape)
+
+
+def _torchvision(name, split, root, download):
+    import torchvision.datasets as tvd
+
+    if name == "mnist" and os.path.basename(os.path.normpath(root)) == "MNIST":
+        root = os.path.dirname(os.path.normpath(root))  # accept the MNIST folder itself
+    try:
+        if name == "mnist":
+            ds = tvd.MNIST(root, train=split == "train", download=download)
+            return ArrayDataset(ds.data.unsqueeze(1).contiguous(), ds.targets)
+        if name == "cifar10":
+            ds = tvd.CIFAR10(root, train=split == "train", download=download)
+            return ArrayDataset(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                                torch.as_tensor(ds.targets))
+        if name == "svhn":
+            ds = tvd.SVHN(root, split=split, download=download)
+            return ArrayDataset(torch.from_numpy(ds.data).contiguous(), torch.as_tensor(ds.labels))
+        ds = tvd.CelebA(root, split=split, target_type=[], download=download)
+        folder = os.path.join(root, ds.base_folder, "img_align_celeba")
+        return ImageFileDataset([os.path.join(folder, f) for f in ds.filename], DATASETS[name]["shape"])
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        what = "could not be downloaded" if download else "is missing (download disabled)"
+        raise DataError(f"{name} {split} data not found in {os.path.abspath(root)} and {what} "
+                        f"({reason[:160]}); put {TORCHVISION_LAYOUT[name]} there, or pass "
+                        f"--data-dir with a torchvision root, a folder of images or an .npz "
+                        f"file") from None
+
+
+class BatchSampler:
+    """Deterministic shuffled batches that can start at any position.
+
+    Epoch e visits the examples in ``randperm(n)`` drawn from a generator seeded with
+    ``seed + e``; batch i of the whole run is therefore a function of (seed, i)
+    alone, which is what makes a resumed run see exactly the same data.
+    With ``rank``/``world_size`` each process takes every world_size-th example of
+    the global batch of ``batch_size * world_size`` examples.
+    """
+
+    def __init__(self, n, batch_size, seed=0, start=0, rank=0, world_size=1):
+        if n < batch_size * world_size:
+            raise DataError(f"the dataset has {n} images, fewer than one global batch "
+                            f"({batch_size} x {world_size} processes)")
+        self.n = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start = start
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self):
+        global_batch = self.batch_size * self.world_size
+        per_epoch = self.n // global_batch  # drop the last partial batch of an epoch
+        index = self.start
+        while True:
+            epoch, offset = divmod(index, per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for b in range(offset, per_epoch):
+                chunk = perm[b * global_batch:(b + 1) * global_batch]
+                yield chunk[self.rank::self.world_size]
+            index = (epoch + 1) * per_epoch
+
+
+def iterate_batches(dataset, sampler, num_workers=0):
+    """Endless iterator of image batches [B x C x H x W] in [0, 1] for a BatchSampler."""
+    if isinstance(dataset, ArrayDataset):
+        return (dataset.batch(indices) for indices in sampler)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    return iter(loader)
+
+
+def fixed_images(dataset, count):
+    """The first ``count`` images of a dataset as one tensor [count x C x H x W] in [0, 1]."""
+    count = min(count, len(dataset))
+    if isinstance(dataset, ArrayDataset):
+        return dataset.batch(torch.arange(count))
+    return torch.stack([dataset[i] for i in range(count)])

@@ -1,0 +1,283 @@
+"""The VQ-DRAW staged encoder: proposals, greedy choice, decoding and the training loss.
+
+An image ``x`` (normalized, ``[N x *shape]``) is encoded in S stages. The
+reconstruction ``r`` starts at zeros; at stage t the refiner looks at ``r`` (never
+at ``x``) and proposes K variations ``r + scale * f_k(r, t)`` (plus a learned bias
+at stage 0). The encoder keeps the proposal closest to ``x`` and records its index.
+The code is the S indices; decoding replays the stages with the recorded indices.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .losses import LOSSES
+
+
+class VQDraw(nn.Module):
+    """
+    :param refiner: module with ``features(r, stage)`` and ``options(h, stage, choices=None)``
+                    (see ``nn.Refiner``).
+    :param shape: the image shape (C, H, W).
+    :param num_stages: S, the number of stages (code length).
+    :param options: K, the number of proposals per stage.
+    :param loss: name of a per-sample loss in ``losses.LOSSES``.
+    :param output_scale: initial value of the learned scale of the refiner output.
+    :param aux_coeff: weight of the mean loss over all proposals (keeps options alive).
+    :param final_coeff: weight of the last stage's loss.
+    :param epsilon: probability of a random choice per sample and stage while training.
+    :param grad_decay: 0 lets gradients flow through the reconstruction into earlier
+                       stages; 1 blocks them; values between scale them by 1 - grad_decay.
+    :param grad_checkpoint: recompute chunks of about sqrt(S) stages in the backward pass.
+    :param mean, std: per-channel normalization, ``x = (pixels - mean) / std``.
+    """
+
+    def __init__(self, refiner, shape, num_stages, options, loss="mse", output_scale=0.1,
+                 aux_coeff=0.01, final_coeff=0.0, epsilon=0.0, grad_decay=0.0,
+                 grad_checkpoint=False, mean=0.0, std=1.0):
+        super().__init__()
+        self.refiner = refiner
+        self.shape = tuple(shape)
+        self.num_stages = num_stages
+        self.options = options
+        self.loss_name = loss
+        self.loss_fn = LOSSES[loss]
+        self.aux_coeff = aux_coeff
+        self.final_coeff = final_coeff
+        self.epsilon = epsilon
+        self.grad_decay = grad_decay
+        self.grad_checkpoint = grad_checkpoint
+        self.output_scale = nn.Parameter(torch.tensor(float(output_scale)))
+        self.stage0_bias = nn.Parameter(torch.zeros(options, *self.shape))
+        channels = self.shape[0]
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).expand(channels)
+                             .reshape(channels, 1, 1).clone(), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).expand(channels)
+                             .reshape(channels, 1, 1).clone(), persistent=False)
+        self.config = {}  # filled by config.create_model; saved in checkpoints
+
+    # ------------------------------------------------------------------ pixels
+
+    def normalize(self, images):
+        """Images in [0, 1], [N x *shape] -> the model's normalized space."""
+        return (images - self.mean) / self.std
+
+    def denormalize(self, x):
+        """The model's normalized space -> images in [0, 1] (not clamped)."""
+        return x * self.std + self.mean
+
+    # ------------------------------------------------------------------ stages
+
+    def _next(self, recon, delta, stage, choices):
+        """The chosen proposal: [N x *shape] + scale * [N x *shape] (+ bias[choices] at stage 0).
+
+        Encoding and decoding both go through here, so they compute bit-identical
+        reconstructions.
+        """
+        out = recon + self.output_scale * delta
+        if stage == 0:
+            out = out + self.stage0_bias[choices]
+        return out
+
+    def _proposals(self, recon, deltas, stage):
+        """All proposals: [N x *shape], [N x K x *shape] -> [N x K x *shape]."""
+        out = recon.unsqueeze(1) + self.output_scale * deltas
+        if stage == 0:
+            out = out + self.stage0_bias
+        return out
+
+    def _train_stage(self, recon, target, stage):
+        """One stage with gradients: returns (next recon, choices [N], losses [N x K])."""
+        if stage > 0 and self.grad_decay:
+            # Same value, gradient into earlier stages scaled by (1 - grad_decay).
+            recon = recon.detach() + (1 - self.grad_decay) * (recon - recon.detach())
+        features = self.refiner.features(recon, stage)
+        proposals = self._proposals(recon, self.refiner.options(features, stage), stage)
+        losses = self.loss_fn(proposals, target)
+        choices = losses.detach().float().argmin(1)
+        if self.training and self.epsilon > 0:
+            explore = torch.rand(choices.shape, device=choices.device) < self.epsilon
+            random = torch.randint(0, self.options, choices.shape, device=choices.device)
+            choices = torch.where(explore, random, choices)
+        picked = proposals[torch.arange(len(choices), device=choices.device), choices]
+        return picked, choices, losses
+
+    def _train_chunk(self, recon, target, start, stop):
+        codes, losses = [], []
+        for stage in range(start, stop):
+            recon, choices, stage_losses = self._train_stage(recon, target, stage)
+            codes.append(choices)
+            losses.append(stage_losses)
+        return recon, torch.stack(codes, 1), torch.stack(losses, 1)
+
+    def run(self, x):
+        """Encode with gradients, as in training (with exploration when ``epsilon`` > 0).
+
+        :param x: [N x *shape] normalized images.
+        :return: (codes [N x S] long, final reconstruction [N x *shape], losses [N x S x K]).
+        """
+        self._check_images(x)
+        recon = torch.zeros_like(x)
+        codes, losses = [], []
+        chunk = self.num_stages
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            chunk = max(1, round(math.sqrt(self.num_stages)))
+        for start in range(0, self.num_stages, chunk):
+            stop = min(start + chunk, self.num_stages)
+            if chunk < self.num_stages:
+                recon, c, l = checkpoint(self._train_chunk, recon, x, start, stop, use_reentrant=False)
+            else:
+                recon, c, l = self._train_chunk(recon, x, start, stop)
+            codes.append(c)
+            losses.append(l)
+        return torch.cat(codes, 1), recon, torch.cat(losses, 1)
+
+    def training_losses(self, x):
+        """The training objective and its parts.
+
+        :param x: [N x *shape] normalized images.
+        :return: dict with "loss" (scalar to minimize), "chosen_loss" (mean over stages of the
+                 chosen proposal's loss), "aux_loss" (mean over all proposals), "final_loss"
+                 (last stage), "stage_losses" [S], "code_entropy" [S] (nats, of the batch's
+                 codes), "options_used" [S], and "codes" [N x S].
+        """
+        codes, _, losses = self.run(x)
+        chosen = losses.gather(2, codes.unsqueeze(2)).squeeze(2)  # [N x S]
+        stage_losses = chosen.mean(0)
+        chosen_loss = stage_losses.mean()
+        aux_loss = losses.mean()
+        final_loss = stage_losses[-1]
+        loss = chosen_loss + self.aux_coeff * aux_loss + self.final_coeff * final_loss
+        entropy, used = code_usage(codes, self.options)
+        return {
+            "loss": loss,
+            "chosen_loss": chosen_loss.detach(),
+            "aux_loss": aux_loss.detach(),
+            "final_loss": final_loss.detach(),
+            "stage_losses": stage_losses.detach(),
+            "code_entropy": entropy,
+            "options_used": used,
+            "codes": codes,
+        }
+
+    def forward(self, x):
+        """``training_losses(x)``: calling the module (or its DDP wrapper) computes the loss."""
+        return self.training_losses(x)
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def encode(self, x, num_stages=None, return_all=False):
+        """Greedy encoding (no exploration).
+
+        :param x: [N x *shape] normalized images.
+        :param num_stages: encode only the first n stages (default all S).
+        :param return_all: also return the reconstruction after each stage.
+        :return: codes [N x n] long; with return_all, (codes, reconstructions [N x n x *shape]).
+        """
+        self._check_images(x)
+        n = self._check_num_stages(num_stages)
+        recon = torch.zeros_like(x)
+        codes, recons = [], []
+        for stage in range(n):
+            features = self.refiner.features(recon, stage)
+            deltas = self.refiner.options(features, stage)
+            losses = self.loss_fn(self._proposals(recon, deltas, stage), x)
+            choices = losses.float().argmin(1)
+            # Recompute the chosen option the way decode does, so that decoding the
+            # code reproduces this reconstruction bit for bit.
+            recon = self._next(recon, self.refiner.options(features, stage, choices), stage, choices)
+            codes.append(choices)
+            recons.append(recon)
+        codes = torch.stack(codes, 1)
+        if return_all:
+            return codes, torch.stack(recons, 1)
+        return codes
+
+    @torch.no_grad()
+    def reconstruct(self, x, num_stages=None):
+        """[N x *shape] -> the greedy reconstruction [N x *shape] after n stages (default S)."""
+        _, recons = self.encode(x, num_stages, return_all=True)
+        return recons[:, -1]
+
+    @torch.no_grad()
+    def decode(self, codes, num_stages=None, return_all=False):
+        """Replay the stages with the given choices.
+
+        :param codes: [N x n] integers in [0, K), n <= S (a prefix of a full code).
+        :param num_stages: decode only the first m <= n stages.
+        :param return_all: return every stage's reconstruction, [N x m x *shape].
+        :return: [N x *shape] normalized reconstructions (or [N x m x *shape]).
+        """
+        codes = self._check_codes(codes)
+        m = codes.shape[1] if num_stages is None else num_stages
+        if not 1 <= m <= codes.shape[1]:
+            raise ValueError(f"num_stages must be between 1 and the code length {codes.shape[1]}, "
+                             f"got {m}")
+        param = self.output_scale
+        recon = torch.zeros(len(codes), *self.shape, device=param.device, dtype=param.dtype)
+        recons = []
+        for stage in range(m):
+            choices = codes[:, stage]
+            features = self.refiner.features(recon, stage)
+            recon = self._next(recon, self.refiner.options(features, stage, choices), stage, choices)
+            recons.append(recon)
+        return torch.stack(recons, 1) if return_all else recon
+
+    @torch.no_grad()
+    def sample(self, count, num_stages=None, generator=None):
+        """Decode ``count`` uniformly random codes: [count x *shape] normalized images."""
+        n = self._check_num_stages(num_stages)
+        codes = torch.randint(0, self.options, (count, n), generator=generator)
+        return self.decode(codes.to(self.output_scale.device))
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_images(self, x):
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError(f"expected a float tensor of images [N x {' x '.join(map(str, self.shape))}]"
+                            f", got {type(x).__name__} {getattr(x, 'dtype', '')}")
+        if x.dim() != 1 + len(self.shape) or tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"expected images of shape [N x {' x '.join(map(str, self.shape))}], got "
+                             f"{list(x.shape)}; this model is for {self.shape[0]}-channel "
+                             f"{self.shape[1]}x{self.shape[2]} images")
+        if len(x) == 0:
+            raise ValueError("expected at least one image, got an empty batch")
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or infinite values")
+
+    def _check_num_stages(self, num_stages):
+        if num_stages is None:
+            return self.num_stages
+        if not 1 <= num_stages <= self.num_stages:
+            raise ValueError(f"num_stages must be between 1 and {self.num_stages}, got {num_stages}")
+        return num_stages
+
+    def _check_codes(self, codes):
+        codes = torch.as_tensor(codes)
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.dtype.is_complex:
+            raise TypeError(f"codes must be integers, got {codes.dtype}")
+        if codes.dim() != 2:
+            raise ValueError(f"codes must have shape [N x stages], got {list(codes.shape)}")
+        if not 1 <= codes.shape[1] <= self.num_stages:
+            raise ValueError(f"codes have {codes.shape[1]} stages; this model decodes 1 to "
+                             f"{self.num_stages}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.options):
+            raise ValueError(f"codes must be in [0, {self.options}), got values from "
+                             f"{int(codes.min())} to {int(codes.max())}")
+        return codes.long().to(self.output_scale.device)
+
+
+def code_usage(codes, options):
+    """Per-stage statistics of a batch of codes [N x S].
+
+    :return: (entropy [S] in nats of the empirical distribution of options,
+              number of distinct options used [S]).
+    """
+    counts = torch.zeros(codes.shape[1], options, device=codes.device)
+    counts.scatter_add_(1, codes.t(), torch.ones_like(codes.t(), dtype=counts.dtype))
+    probs = counts / counts.sum(1, keepdim=True)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+    return entropy, (counts > 0).sum(1)

@@ -1,0 +1,173 @@
+"""Stage-conditioned building blocks for the refiner networks.
+
+Every module here takes ``(x, stage)`` where ``stage`` is a Python int shared by
+the whole batch: all images of a batch are refined at the same stage.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class StageModule(nn.Module):
+    """Marker base class: ``forward(x, stage)`` instead of ``forward(x)``."""
+
+
+class MaskedConv(StageModule):
+    """A convolution followed by a learned per-stage channel mask.
+
+    ``mask(conv(x))`` multiplies output channel ``c`` by ``mask[stage, c]``.
+    Because the mask is linear in the output it is folded into the weight and
+    bias instead (``conv(x, w * m, b * m)``): the product is the same, but the
+    multiplication touches the small weight instead of the large activation.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, num_stages, stride=1,
+                 transpose=False):
+        super().__init__()
+        if transpose:
+            # k4 s2 p1 exactly doubles the spatial size.
+            self.conv = nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride=stride,
+                                           padding=1)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                                  padding=kernel_size // 2)
+        self.mask = nn.Parameter(torch.randn(num_stages, out_channels))
+        self.transpose = transpose
+        self.fold_mask = True  # False computes conv then multiply (the benchmark's reference)
+
+    def forward(self, x, stage):
+        m = self.mask[stage]
+        conv = self.conv
+        if not self.fold_mask:
+            return conv(x) * m.view(1, -1, 1, 1)
+        if self.transpose:
+            # ConvTranspose2d weights are [in, out, k, k].
+            w = conv.weight * m.view(1, -1, 1, 1)
+            return F.conv_transpose2d(x, w, conv.bias * m, conv.stride, conv.padding)
+        w = conv.weight * m.view(-1, 1, 1, 1)
+        return F.conv2d(x, w, conv.bias * m, conv.stride, conv.padding)
+
+
+class StageSequential(nn.Sequential):
+    """``nn.Sequential`` that passes the stage to the layers that take one."""
+
+    def forward(self, x, stage):
+        for layer in self:
+            x = layer(x, stage) if isinstance(layer, StageModule) else layer(x)
+        return x
+
+
+class ResidualBlock(StageModule):
+    """[ReLU, GN, conv k3, M, ReLU, GN, conv k1 up, M, ReLU, GN, conv k1 down, M] + input."""
+
+    def __init__(self, channels, hidden, groups, num_stages):
+        super().__init__()
+        g1, g2, g3 = groups
+        self.body = StageSequential(
+            nn.ReLU(),
+            nn.GroupNorm(g1, channels),
+            MaskedConv(channels, channels, 3, num_stages),
+            nn.ReLU(),
+            nn.GroupNorm(g2, channels),
+            MaskedConv(channels, hidden, 1, num_stages),
+            nn.ReLU(),
+            nn.GroupNorm(g3, hidden),
+            MaskedConv(hidden, channels, 1, num_stages),
+        )
+
+    def forward(self, x, stage):
+        return x + self.body(x, stage)
+
+
+class OptionConv(nn.Module):
+    """The last layer of a refiner: a convolution that emits K options of C channels.
+
+    Output channel ``k * C + c`` is channel ``c`` of option ``k``. With
+    ``per_stage=True`` every stage has its own weights (SVHN's 1x1 heads).
+    ``select`` computes only the chosen option of each sample, which is all that
+    decoding needs: 1/K of the work of the full layer.
+    """
+
+    def __init__(self, in_channels, channels, options, kernel_size, num_stages=1, per_stage=False):
+        super().__init__()
+        heads = num_stages if per_stage else 1
+        self.channels = channels
+        self.options = options
+        self.per_stage = per_stage
+        self.weight = nn.Parameter(torch.empty(heads, options * channels, in_channels,
+                                               kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.empty(heads, options * channels))
+        for w, b in zip(self.weight, self.bias):
+            # The default initialization of nn.Conv2d, per head.
+            nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+            bound = 1 / (in_channels * kernel_size ** 2) ** 0.5
+            nn.init.uniform_(b, -bound, bound)
+
+    def _head(self, stage):
+        return (self.weight[stage], self.bias[stage]) if self.per_stage else (self.weight[0], self.bias[0])
+
+    def forward(self, h, stage):
+        """[N x in x H x W] -> [N x K x C x H x W], all options."""
+        w, b = self._head(stage)
+        out = F.conv2d(h, w, b, padding=w.shape[-1] // 2)
+        return out.view(h.shape[0], self.options, self.channels, *out.shape[2:])
+
+    def select(self, h, stage, choices):
+        """[N x in x H x W], choices [N] -> [N x C x H x W], the chosen option only."""
+        w, b = self._head(stage)
+        n, c = h.shape[0], self.channels
+        w = w.view(self.options, c, *w.shape[1:])[choices]  # [N x C x in x k x k]
+        b = b.view(self.options, c)[choices]  # [N x C]
+        # One grouped convolution with a group per sample applies each sample's own weights.
+        out = F.conv2d(h.reshape(1, -1, *h.shape[2:]), w.reshape(n * c, *w.shape[2:]),
+                       b.reshape(-1), padding=w.shape[-1] // 2, groups=n)
+        return out.view(n, c, *out.shape[2:])
+
+
+class Refiner(nn.Module):
+    """A body (reconstruction -> features) and an option head (features -> K proposals).
+
+    The encoder calls ``features`` once per stage and ``options`` once for all K
+    options (to choose) and, when decoding, only for the chosen one.
+    """
+
+    def __init__(self, body, head):
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def features(self, x, stage):
+        """[N x C x H x W] -> features [N x F x H x W]."""
+        return self.body(x, stage)
+
+    def options(self, h, stage, choices=None):
+        """Features -> [N x K x C x H x W], or [N x C x H x W] for the given choices [N]."""
+        if choices is None:
+            return self.head(h, stage)
+        return self.head.select(h, stage, choices)
+
+    def forward(self, x, stage, choices=None):
+        return self.options(self.features(x, stage), stage, choices)
+
+
+class SegmentRefiner(nn.Module):
+    """Gives each block of ``segment`` consecutive stages its own refiner.
+
+    Stage t runs network ``t // segment`` at its local stage ``t % segment``.
+    """
+
+    def __init__(self, make_refiner, num_stages, segment):
+        super().__init__()
+        self.segment = segment
+        count = -(-num_stages // segment)
+        self.refiners = nn.ModuleList(make_refiner(segment) for _ in range(count))
+
+    def features(self, x, stage):
+        return self.refiners[stage // self.segment].features(x, stage % self.segment)
+
+    def options(self, h, stage, choices=None):
+        return self.refiners[stage // self.segment].options(h, stage % self.segment, choices)
+
+    def forward(self, x, stage, choices=None):
+        return self.options(self.features(x, stage), stage, choices)

@@ -1,0 +1,91 @@
+"""The command line shared by train_mnist.py, train_svhn.py, train_cifar.py and train_celeba.py.
+
+The scripts differ only in the dataset name; published defaults come from
+``config.DATASETS``.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .config import DATASETS, CheckpointError, create_model
+from .data import DataError, load_dataset
+from .train import SaveError, TrainLoop
+
+
+def parse_args(dataset, argv=None):
+    spec = DATASETS[dataset]
+    recipe = spec["train"]
+    parser = argparse.ArgumentParser(description=f"Train VQ-DRAW on {dataset} (published defaults).")
+    parser.add_argument("--batch", type=int, default=recipe["batch"], help="micro-batch per process")
+    parser.add_argument("--step-limit", type=int, default=recipe["step_limit"],
+                        help="steps (micro-batches) to train; 0 trains forever")
+    parser.add_argument("--step-interval", type=int, default=recipe["step_interval"],
+                        help="micro-batches per optimizer update (loss averaged over them)")
+    parser.add_argument("--save-interval", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--eval-interval", type=int, default=None,
+                        help="steps between held-out evaluations (default: --save-interval)")
+    parser.add_argument("--eval-size", type=int, default=1000, help="held-out images per evaluation")
+    parser.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
+    parser.add_argument("--grad-checkpoint", action="store_true", default=recipe["grad_checkpoint"],
+                        help="recompute stages in the backward pass (memory ~ sqrt(stages))")
+    parser.add_argument("--no-grad-checkpoint", dest="grad_checkpoint", action="store_false")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr-final", type=float, default=recipe["lr_final"],
+                        help="learning rate at --step-limit, linear in between (default: "
+                             + ("constant" if recipe["lr_final"] is None else str(recipe["lr_final"])) + ")")
+    parser.add_argument("--stages", type=int, default=spec["stages"])
+    parser.add_argument("--options", type=int, default=64)
+    parser.add_argument("--segment", type=int, default=spec["segment"])
+    parser.add_argument("--aux-coeff", type=float, default=0.01)
+    parser.add_argument("--final-coeff", type=float, default=0.0)
+    parser.add_argument("--epsilon", type=float, default=0.0)
+    parser.add_argument("--grad-decay", type=float, default=0.0)
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint file (default RUN_DIR/checkpoint.pt); resumed when it exists")
+    parser.add_argument("--run-dir", default=os.path.join("runs", dataset),
+                        help="folder for the checkpoint, images and log.csv")
+    parser.add_argument("--data-dir", default=None,
+                        help="torchvision root (default ./data, downloaded), image folder or .npz")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="data-loading processes for image files")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (choices on fp32 losses)")
+    args = parser.parse_args(argv)
+    for name in ("batch", "step_interval", "save_interval", "options", "stages", "log_interval",
+                 "eval_size"):
+        minimum = 2 if name == "options" else 1
+        if getattr(args, name) < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, "
+                         f"got {getattr(args, name)}")
+    if args.step_limit < 0:
+        parser.error(f"--step-limit must be >= 0 (0 trains forever), got {args.step_limit}")
+    if args.segment is not None and not 1 <= args.segment <= args.stages:
+        parser.error(f"--segment must be between 1 and --stages ({args.stages}), got {args.segment}")
+    return args
+
+
+def main(dataset, argv=None):
+    args = parse_args(dataset, argv)
+    try:
+        torch.manual_seed(args.seed)
+        model = create_model(dataset, options=args.options, stages=args.stages, segment=args.segment,
+                             aux_coeff=args.aux_coeff, final_coeff=args.final_coeff,
+                             epsilon=args.epsilon, grad_decay=args.grad_decay,
+                             grad_checkpoint=args.grad_checkpoint)
+        train = load_dataset(dataset, "train", args.data_dir)
+        test = load_dataset(dataset, "test", args.data_dir)
+        loop = TrainLoop(model=model, train_data=train, test_data=test, run_dir=args.run_dir,
+                         checkpoint_path=args.checkpoint, batch_size=args.batch,
+                         step_interval=args.step_interval, lr=args.lr, lr_final=args.lr_final,
+                         step_limit=args.step_limit or None, save_interval=args.save_interval,
+                         eval_interval=args.eval_interval, eval_size=args.eval_size,
+                         log_interval=args.log_interval, device=args.device, seed=args.seed,
+                         num_workers=args.workers, bf16=args.bf16)
+        loop.run()
+    except (DataError, CheckpointError, SaveError, ValueError, FloatingPointError) as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; run the same command again to resume from the last checkpoint")
