@@ -1,0 +1,93 @@
+"""Shared helpers for the tests: tiny models, synthetic data, running the scripts."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import vq_draw  # noqa: E402
+
+# One thread: the models are tiny, and on a shared or loaded machine extra threads
+# mostly wait for each other (a CIFAR-10 stage runs several times faster this way).
+torch.set_num_threads(1)
+
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+DATASET_NAMES = ("mnist", "svhn", "cifar10", "celeba")
+
+# The smallest settings that still exercise every part of each architecture:
+# several stages, K > 2, a segment boundary (stage 1 of CIFAR-10 and CelebA runs the
+# second network; SVHN also has local stages 0 and 1 of two networks).
+TINY = {
+    "mnist": dict(options=4, stages=3),
+    "svhn": dict(options=4, stages=4, segment=2),
+    "cifar10": dict(options=4, stages=2, segment=1),
+    "celeba": dict(options=4, stages=2, segment=1),
+}
+
+
+def tiny_model(dataset, seed=0, **overrides):
+    """A small randomly initialized model; the stage-0 bias is made non-zero so it matters."""
+    torch.manual_seed(seed)
+    model = vq_draw.create_model(dataset, **(TINY[dataset] | overrides))
+    with torch.no_grad():
+        model.stage0_bias.normal_(0, 0.3)
+    return model
+
+
+def random_images(model, count=2, seed=0):
+    """Normalized images [count x *shape] of the model's shape (pixels uniform in [0, 1])."""
+    generator = torch.Generator().manual_seed(seed)
+    return model.normalize(torch.rand(count, *model.shape, generator=generator))
+
+
+def write_npz(path, count, shape, seed=0, labels=False):
+    """An .npz with a uint8 NHWC ``images`` array of ``count`` random images of shape (C, H, W)."""
+    rng = np.random.default_rng(seed)
+    c, h, w = shape
+    images = rng.integers(0, 256, size=(count, h, w, c), dtype=np.uint8)
+    arrays = {"images": images}
+    if labels:
+        arrays["labels"] = rng.integers(0, 10, size=count)
+    np.savez(path, **arrays)
+    return images
+
+
+def script_env():
+    """Environment for a script subprocess: this repository importable, same thread count."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_script(script, args, timeout=120, cwd=None):
+    """Run ``python <script> args`` from the repository; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd or REPO,
+                          env=script_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def state_equal(a, b):
+    """Whether two (nested) state dicts hold bitwise-equal tensors and equal values."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(state_equal, a, b))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+@pytest.fixture
+def shared_data():
+    """The real data folder of the project (../shared/data); skips when it is absent."""
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip("no ../shared/data on this machine")
+    return os.path.abspath(SHARED_DATA)
