@@ -13,6 +13,8 @@ Where to look is decided by ``data_dir``:
 
 import glob
 import os
+import socket
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -27,6 +29,11 @@ TORCHVISION_LAYOUT = {
     "cifar10": "cifar-10-batches-py/ (torchvision.datasets.CIFAR10)",
     "celeba": "celeba/img_align_celeba/ with its list files (torchvision.datasets.CelebA)",
 }
+
+
+# Seconds a download may wait for the network (per connection attempt or read), so that a
+# machine without internet fails in seconds instead of hanging.
+DOWNLOAD_TIMEOUT = 10
 
 
 class DataError(RuntimeError):
@@ -163,19 +170,12 @@ def _torchvision(name, split, root, download):
     if name == "mnist" and os.path.basename(os.path.normpath(root)) == "MNIST":
         root = os.path.dirname(os.path.normpath(root))  # accept the MNIST folder itself
     try:
-        if name == "mnist":
-            ds = tvd.MNIST(root, train=split == "train", download=download)
-            return ArrayDataset(ds.data.unsqueeze(1).contiguous(), ds.targets)
-        if name == "cifar10":
-            ds = tvd.CIFAR10(root, train=split == "train", download=download)
-            return ArrayDataset(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
-                                torch.as_tensor(ds.targets))
-        if name == "svhn":
-            ds = tvd.SVHN(root, split=split, download=download)
-            return ArrayDataset(torch.from_numpy(ds.data).contiguous(), torch.as_tensor(ds.labels))
-        ds = tvd.CelebA(root, split=split, target_type=[], download=download)
-        folder = os.path.join(root, ds.base_folder, "img_align_celeba")
-        return ImageFileDataset([os.path.join(folder, f) for f in ds.filename], DATASETS[name]["shape"])
+        if name == "svhn" and os.path.isfile(os.path.join(root, f"{split}_32x32.mat")):
+            return _load_svhn_mat(os.path.join(root, f"{split}_32x32.mat"))
+        with _socket_timeout(DOWNLOAD_TIMEOUT):
+            return _torchvision_dataset(tvd, name, split, root, download)
+    except DataError:
+        raise
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = "could not be downloaded" if download else "is missing (download disabled)"
@@ -183,6 +183,61 @@ def _torchvision(name, split, root, download):
                         f"({reason[:160]}); put {TORCHVISION_LAYOUT[name]} there, or pass "
                         f"--data-dir with a torchvision root, a folder of images or an .npz "
                         f"file") from None
+
+
+def _torchvision_dataset(tvd, name, split, root, download):
+    """The split from torchvision's own layout under ``root`` (downloaded when allowed)."""
+    if name == "mnist":
+        ds = tvd.MNIST(root, train=split == "train", download=download)
+        return ArrayDataset(ds.data.unsqueeze(1).contiguous(), ds.targets)
+    if name == "cifar10":
+        ds = tvd.CIFAR10(root, train=split == "train", download=download)
+        return ArrayDataset(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+                            torch.as_tensor(ds.targets))
+    if name == "svhn":
+        ds = tvd.SVHN(root, split=split, download=download)
+        return ArrayDataset(torch.from_numpy(ds.data).contiguous(), torch.as_tensor(ds.labels))
+    ds = tvd.CelebA(root, split=split, target_type=[], download=download)
+    folder = os.path.join(root, ds.base_folder, "img_align_celeba")
+    return ImageFileDataset([os.path.join(folder, f) for f in ds.filename], DATASETS[name]["shape"])
+
+
+def _load_svhn_mat(path):
+    """An SVHN file in torchvision's layout: ``X`` uint8 [32 x 32 x 3 x N], ``y`` [N x 1].
+
+    Read directly rather than through ``torchvision.datasets.SVHN``, whose checksum
+    would reject a subset or any other file in the same layout.
+    """
+    try:
+        import scipy.io
+    except ImportError:
+        raise DataError(f"reading {path} needs scipy: pip install scipy") from None
+    try:
+        mat = scipy.io.loadmat(path)
+        images, labels = mat["X"], mat["y"]
+    except KeyError:
+        raise DataError(f"{path} lacks the 'X' or 'y' array of an SVHN .mat file") from None
+    except Exception as exc:  # scipy raises several types for truncated or foreign files
+        raise DataError(f"cannot read {path}: {str(exc).strip()[:200] or type(exc).__name__}") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[:3] != (32, 32, 3):
+        raise DataError(f"{path}: 'X' must be uint8 of shape 32 x 32 x 3 x N, got {images.dtype} "
+                        f"{images.shape}")
+    labels = labels.astype(np.int64).reshape(-1) % 10  # SVHN's label 10 is the digit 0
+    if len(labels) != images.shape[3]:
+        raise DataError(f"{path}: {len(labels)} labels for {images.shape[3]} images")
+    return ArrayDataset(torch.from_numpy(images).permute(3, 2, 0, 1).contiguous(),
+                        torch.from_numpy(labels))
+
+
+@contextmanager
+def _socket_timeout(seconds):
+    """Give sockets opened inside a timeout (torchvision's downloads set none)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 class BatchSampler:
@@ -223,8 +278,10 @@ def iterate_batches(dataset, sampler, num_workers=0):
     """Endless iterator of image batches [B x C x H x W] in [0, 1] for a BatchSampler."""
     if isinstance(dataset, ArrayDataset):
         return (dataset.batch(indices) for indices in sampler)
+    # A generator of its own: DataLoader otherwise draws its worker seed from the global RNG,
+    # which would shift the exploration (epsilon) draws of a resumed run.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0, generator=torch.Generator())
     return iter(loader)
 
 

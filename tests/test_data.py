@@ -1,0 +1,323 @@
+"""Datasets (vq_draw/data.py): npz files and folders, image folders, SVHN .mat, missing data,
+and the deterministic, resumable, shardable batch order."""
+
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vq_draw import data
+from vq_draw.data import (ArrayDataset, BatchSampler, DataError, ImageFileDataset, fixed_images,
+                          iterate_batches, load_dataset)
+from conftest import write_npz
+
+# ---------------------------------------------------------------------- npz
+
+
+def test_npz_file_is_split_into_train_and_test(tmp_path):
+    path = str(tmp_path / "digits.npz")
+    images = write_npz(path, 30, (1, 28, 28), labels=True)
+    train = load_dataset("mnist", "train", path)
+    test = load_dataset("mnist", "test", path)
+    assert (len(train), len(test)) == (27, 3)  # the last tenth is held out
+    expected = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    image, label = train[4]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert torch.equal(image, expected[4])
+    assert torch.equal(test.batch(torch.arange(3)), expected[27:])
+    assert label == int(np.load(path)["labels"][4])
+
+
+def test_npz_without_channel_axis_and_color_layout(tmp_path):
+    # N x H x W for one channel; NHWC is read channel-first.
+    gray = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "gray.npz", images=gray)
+    train = load_dataset("mnist", "train", str(tmp_path / "gray.npz"))
+    assert torch.equal(train[0], torch.from_numpy(gray[0]).float().unsqueeze(0) / 255)
+
+    color = write_npz(str(tmp_path / "color.npz"), 20, (3, 32, 32))
+    train = load_dataset("cifar10", "train", str(tmp_path / "color.npz"))
+    assert train[5].shape == (3, 32, 32)
+    assert torch.equal(train[5][2], torch.from_numpy(color[5, :, :, 2]).float() / 255)
+
+
+def test_npz_folder_with_train_and_test_files(tmp_path):
+    train_images = write_npz(str(tmp_path / "train_small.npz"), 12, (3, 32, 32), seed=1)
+    test_images = write_npz(str(tmp_path / "test.npz"), 5, (3, 32, 32), seed=2)
+    train = load_dataset("cifar10", "train", str(tmp_path))
+    test = load_dataset("cifar10", "test", str(tmp_path))
+    assert (len(train), len(test)) == (12, 5)
+    assert torch.equal(test.images, torch.from_numpy(test_images).permute(0, 3, 1, 2))
+    assert torch.equal(train.images, torch.from_numpy(train_images).permute(0, 3, 1, 2))
+    # Also found in a subfolder named after the dataset.
+    nested = tmp_path / "root" / "svhn"
+    nested.mkdir(parents=True)
+    write_npz(str(nested / "train.npz"), 7, (3, 32, 32))
+    assert len(load_dataset("svhn", "train", str(tmp_path / "root"))) == 7
+
+
+@pytest.mark.parametrize("arrays, words", [
+    (dict(images=np.zeros((4, 32, 32, 3), np.uint8)), "28 x 28 x 1"),    # wrong size and channels
+    (dict(images=np.zeros((4, 28, 28, 3), np.uint8)), "28 x 28 x 1"),    # wrong channels
+    (dict(images=np.zeros((4, 28, 28), np.float32)), "uint8"),
+    (dict(pixels=np.zeros((4, 28, 28), np.uint8)), "no 'images' array"),
+])
+def test_bad_npz_is_a_data_error(tmp_path, arrays, words):
+    path = str(tmp_path / "bad.npz")
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=words):
+        load_dataset("mnist", "train", path)
+
+
+def test_unreadable_or_foreign_files_are_data_errors(tmp_path):
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(os.urandom(300))
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset("mnist", "train", str(corrupt))
+    other = tmp_path / "images.txt"
+    other.write_text("hello")
+    with pytest.raises(DataError, match="not an .npz"):
+        load_dataset("mnist", "train", str(other))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("mnist", "train", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("imagenet", "train", str(tmp_path))
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("mnist", "validation", str(tmp_path))
+
+
+# ---------------------------------------------------------------------- image folders
+
+
+def write_images(folder, count, size=(40, 30), mode="RGB"):
+    """``count`` solid-color image files; image i has the color (i, 2i, 3i)."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    colors = []
+    for i in range(count):
+        color = (i, 2 * i, 3 * i)
+        Image.new(mode, size, color if mode == "RGB" else i).save(os.path.join(folder, f"{i:03d}.png"))
+        colors.append(color)
+    return colors
+
+
+def test_image_folder_is_resized_cropped_and_split(tmp_path):
+    colors = write_images(str(tmp_path), 20, size=(50, 40))
+    (tmp_path / "notes.txt").write_text("not an image")
+    train = load_dataset("cifar10", "train", str(tmp_path))
+    test = load_dataset("cifar10", "test", str(tmp_path))
+    assert isinstance(train, ImageFileDataset)
+    assert (len(train), len(test)) == (18, 2)
+    image = train[3]
+    assert image.shape == (3, 32, 32)
+    expected = torch.tensor(colors[3], dtype=torch.float32).view(3, 1, 1) / 255
+    torch.testing.assert_close(image, expected.expand(3, 32, 32))
+    torch.testing.assert_close(test[1], torch.tensor(colors[19], dtype=torch.float32).view(3, 1, 1)
+                               .expand(3, 32, 32) / 255)
+    # Color files become one-channel images for MNIST.
+    assert load_dataset("mnist", "train", str(tmp_path))[0].shape == (1, 28, 28)
+
+
+def test_center_crop_keeps_the_middle(tmp_path):
+    from PIL import Image
+
+    # A 96 x 64 image: left and right thirds black, middle white. Resize(64), CenterCrop(64)
+    # keeps exactly the middle.
+    pixels = np.zeros((64, 96, 3), np.uint8)
+    pixels[:, 16:80] = 255
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(pixels).save(tmp_path / "b.png")
+    image = load_dataset("celeba", "train", str(tmp_path))[0]
+    assert image.shape == (3, 64, 64)
+    assert image.min() == 1.0
+
+
+def test_celeba_img_align_folder_and_unreadable_image(tmp_path):
+    write_images(str(tmp_path / "img_align_celeba"), 10, size=(89, 109))
+    train = load_dataset("celeba", "train", str(tmp_path))
+    assert len(train) == 9 and train[0].shape == (3, 64, 64)
+    (tmp_path / "img_align_celeba" / "000.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read image"):
+        train[0]
+
+
+def test_image_batches_through_the_loader_match_items(tmp_path):
+    write_images(str(tmp_path), 12)
+    train = load_dataset("cifar10", "train", str(tmp_path))
+    sampler = BatchSampler(len(train), 4, seed=3)
+    torch.manual_seed(0)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(0)
+    batches = iterate_batches(train, sampler)
+    indices = iter(BatchSampler(len(train), 4, seed=3))
+    for _ in range(4):
+        batch, index = next(batches), next(indices)
+        assert torch.equal(batch, torch.stack([train[int(i)] for i in index]))
+    # Loading data does not consume the global RNG, which drives exploration (epsilon)
+    # and is restored on resume.
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert torch.equal(fixed_images(train, 3), torch.stack([train[i] for i in range(3)]))
+
+
+# ---------------------------------------------------------------------- SVHN
+
+
+def write_svhn(folder, count, seed=0):
+    """A synthetic SVHN file pair in torchvision's layout; returns the train arrays."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", count), ("test", max(2, count // 4))):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)  # 10 stands for the digit 0
+        scipy.io.savemat(os.path.join(folder, f"{split}_32x32.mat"), {"X": x, "y": y})
+        arrays[split] = (x, y)
+    return arrays
+
+
+def test_svhn_mat_in_torchvision_layout(tmp_path):
+    pytest.importorskip("scipy")
+    arrays = write_svhn(str(tmp_path), 12)
+    train = load_dataset("svhn", "train", str(tmp_path), download=False)
+    test = load_dataset("svhn", "test", str(tmp_path), download=False)
+    x, y = arrays["train"]
+    assert (len(train), len(test)) == (12, 3)
+    image, label = train[5]
+    assert image.shape == (3, 32, 32)
+    # Channel c, row h, column w of image i is X[h, w, c, i].
+    assert torch.equal(image, torch.from_numpy(x[:, :, :, 5]).permute(2, 0, 1).float() / 255)
+    assert label == int(y[5, 0]) % 10
+    assert torch.equal(train.labels, torch.from_numpy(y[:, 0].astype(np.int64)) % 10)
+    assert 10 in y and train.labels.max() <= 9
+
+
+def test_svhn_corrupt_mat_is_a_data_error(tmp_path):
+    pytest.importorskip("scipy")
+    write_svhn(str(tmp_path), 4)
+    (tmp_path / "train_32x32.mat").write_bytes(b"MATLAB 5.0" + os.urandom(100))
+    with pytest.raises(DataError, match="train_32x32.mat"):
+        load_dataset("svhn", "train", str(tmp_path), download=False)
+
+
+# ---------------------------------------------------------------------- missing data
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Point every torchvision download at a closed local port, whether or not there is internet."""
+    import torchvision.datasets as tvd
+    import torchvision.datasets.celeba as celeba
+
+    closed = "http://127.0.0.1:9/"
+    monkeypatch.setattr(tvd.MNIST, "mirrors", [closed])
+    monkeypatch.setattr(tvd.CIFAR10, "url", closed + "cifar.tar.gz")
+    monkeypatch.setattr(tvd.SVHN, "split_list", {k: [closed + v[1], v[1], v[2]]
+                                                 for k, v in tvd.SVHN.split_list.items()})
+
+    def no_drive(*args, **kwargs):
+        raise RuntimeError("Google Drive is not reachable")
+
+    monkeypatch.setattr(celeba, "download_file_from_google_drive", no_drive)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "svhn", "cifar10", "celeba"])
+@pytest.mark.parametrize("download", [True, False])
+def test_missing_data_fails_fast_naming_dataset_and_folder(tmp_path, no_downloads, dataset, download):
+    start = time.time()
+    with pytest.raises(DataError) as info:
+        load_dataset(dataset, "train", str(tmp_path), download=download)
+    assert time.time() - start < 10
+    message = str(info.value)
+    assert "\n" not in message
+    assert dataset in message and str(tmp_path) in message
+    assert data.TORCHVISION_LAYOUT[dataset] in message  # what to put there
+
+
+def test_unresponsive_server_times_out(tmp_path, monkeypatch):
+    """A network that accepts connections but never answers fails after the timeout, not never."""
+    import torchvision.datasets as tvd
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # connections complete in the backlog but are never answered
+    try:
+        monkeypatch.setattr(tvd.CIFAR10, "url", f"http://127.0.0.1:{server.getsockname()[1]}/c.tar.gz")
+        monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT", 0.5)
+        start = time.time()
+        with pytest.raises(DataError, match="could not be downloaded"):
+            load_dataset("cifar10", "train", str(tmp_path))
+        assert time.time() - start < 8
+    finally:
+        server.close()
+    assert socket.getdefaulttimeout() is None  # restored afterwards
+
+
+# ---------------------------------------------------------------------- batch order
+
+
+def take(sampler, count):
+    iterator = iter(sampler)
+    return [next(iterator).tolist() for _ in range(count)]
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    a = take(BatchSampler(10, 3, seed=5), 12)
+    assert a == take(BatchSampler(10, 3, seed=5), 12)
+    assert a != take(BatchSampler(10, 3, seed=6), 12)
+    # Three batches per epoch (the partial one is dropped); each epoch visits distinct examples
+    # in a new order.
+    for epoch in range(4):
+        seen = sum(a[3 * epoch:3 * epoch + 3], [])
+        assert len(seen) == 9 and len(set(seen)) == 9 and set(seen) <= set(range(10))
+    assert a[0:3] != a[3:6]
+    # Starting at step k continues exactly where a run stopped, also across epochs.
+    for start in (1, 3, 4, 8):
+        assert take(BatchSampler(10, 3, seed=5, start=start), 12 - start) == a[start:]
+
+
+def test_batch_sizes_that_divide_the_data_see_the_same_examples():
+    # k micro-batches of b are one batch of k * b when both divide n (accumulation tests rely on it).
+    small = take(BatchSampler(12, 2, seed=1), 12)
+    big = take(BatchSampler(12, 6, seed=1), 4)
+    assert [sum(small[3 * i:3 * i + 3], []) for i in range(4)] == big
+
+
+def test_ranks_partition_the_global_batch():
+    world = 3
+    whole = take(BatchSampler(20, 6, seed=2), 7)
+    shards = [take(BatchSampler(20, 2, seed=2, rank=r, world_size=world), 7) for r in range(world)]
+    for step in range(7):
+        parts = [shards[r][step] for r in range(world)]
+        assert all(len(p) == 2 for p in parts)
+        assert sorted(sum(parts, [])) == sorted(whole[step])  # disjoint and complete
+    resumed = take(BatchSampler(20, 2, seed=2, start=4, rank=1, world_size=world), 3)
+    assert resumed == shards[1][4:7]
+
+
+def test_too_few_images_for_a_batch():
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        BatchSampler(5, 3, world_size=2)
+    with pytest.raises(DataError, match="at least 2 images"):
+        data._split(ArrayDataset(torch.zeros(1, 1, 28, 28, dtype=torch.uint8)), "train")
+
+
+# ---------------------------------------------------------------------- the real data
+
+
+def test_shared_data_layouts(shared_data):
+    mnist_test = load_dataset("mnist", "test", shared_data, download=False)
+    assert len(mnist_test) == 10000 and mnist_test[0][0].shape == (1, 28, 28)
+    cifar = os.path.join(shared_data, "cifar10")
+    if os.path.isdir(cifar):
+        train = load_dataset("cifar10", "train", cifar, download=False)
+        assert len(train) == 10000 and train.batch(torch.arange(2)).shape == (2, 3, 32, 32)
+    celeba = os.path.join(shared_data, "celeba")
+    if os.path.isdir(celeba):
+        test = load_dataset("celeba", "test", celeba, download=False)
+        assert len(test) == 1000 and test[0].shape == (3, 64, 64)
+        assert 0 <= test[0].min() and test[0].max() <= 1
