@@ -169,16 +169,22 @@ class VQDraw(nn.Module):
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def encode(self, x, num_stages=None, return_all=False):
-        """Greedy encoding (no exploration).
+    def encode(self, x, num_stages=None, return_all=False, beam=1):
+        """Greedy encoding (no exploration), or beam search with ``beam`` > 1.
 
         :param x: [N x *shape] normalized images.
         :param num_stages: encode only the first n stages (default all S).
         :param return_all: also return the reconstruction after each stage.
+        :param beam: B, partial codes kept per image after each stage (see ``_encode_beam``);
+                     1 is the paper's greedy choice.
         :return: codes [N x n] long; with return_all, (codes, reconstructions [N x n x *shape]).
         """
         self._check_images(x)
         n = self._check_num_stages(num_stages)
+        if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+            raise ValueError(f"beam must be an integer >= 1, got {beam!r}")
+        if beam > 1:
+            return self._encode_beam(x, n, beam, return_all)
         recon = torch.zeros_like(x)
         codes, recons = [], []
         for stage in range(n):
@@ -197,9 +203,45 @@ class VQDraw(nn.Module):
         return codes
 
     @torch.no_grad()
-    def reconstruct(self, x, num_stages=None):
-        """[N x *shape] -> the greedy reconstruction [N x *shape] after n stages (default S)."""
-        _, recons = self.encode(x, num_stages, return_all=True)
+    def _encode_beam(self, x, n, beam, return_all=False):
+        """Beam search: after each stage keep the ``beam`` partial codes with the lowest loss.
+
+        Every kept code of every image proposes K continuations; the best ``beam`` of those
+        (ties to the lower parent, then option index) survive. The result is the best code
+        after stage n; its prefixes need not be the best codes of their own length. With
+        beam=1 this is exactly the greedy choice. Costs about ``beam`` times greedy encoding.
+
+        :return: as ``encode``; the reconstructions are ``decode(codes)``'s, so that a file
+                 decodes exactly to what the encoder reports.
+        """
+        count, k = len(x), self.options
+        recon = torch.zeros_like(x)  # [count * width x *shape], image-major
+        codes = torch.zeros(count, 1, 0, dtype=torch.long, device=x.device)  # [count x width x t]
+        width = 1  # all codes start equal, so one beam until there are more distinct ones
+        for stage in range(n):
+            features = self.refiner.features(recon, stage)
+            proposals = self._proposals(recon, self.refiner.options(features, stage), stage)
+            # The same losses as greedy encoding: [count * width x K].
+            losses = self.loss_fn(proposals, x.repeat_interleave(width, 0)).float()
+            new_width = min(beam, width * k)
+            order = losses.view(count, width * k).argsort(dim=1, stable=True)[:, :new_width]
+            parent, choice = order // k, order % k  # [count x new_width]
+            rows = (torch.arange(count, device=x.device).unsqueeze(1) * width + parent).view(-1)
+            choices = choice.reshape(-1)
+            recon = self._next(recon[rows], self.refiner.options(features[rows], stage, choices),
+                               stage, choices)
+            codes = torch.cat([codes.gather(1, parent.unsqueeze(2).expand(-1, -1, stage)),
+                               choice.unsqueeze(2)], 2)
+            width = new_width
+        best = codes[:, 0]  # sorted by the last stage's loss
+        if return_all:
+            return best, self.decode(best, return_all=True)
+        return best
+
+    @torch.no_grad()
+    def reconstruct(self, x, num_stages=None, beam=1):
+        """[N x *shape] -> the reconstruction [N x *shape] after n stages (default S)."""
+        _, recons = self.encode(x, num_stages, return_all=True, beam=beam)
         return recons[:, -1]
 
     @torch.no_grad()
