@@ -3,7 +3,7 @@
     vq-draw encode IMAGE... -m CKPT -o OUT [--stages N] [--beam B]
     vq-draw decode FILE.vqd... -m CKPT -o OUT [--stages N] [--progressive]
     vq-draw info FILE.vqd... [-m CKPT]
-    vq-draw rd -m CKPT [--data-dir DIR] [--limit N] [-o PREFIX] [--beam B]
+    vq-draw rd -m CKPT [--data-dir DIR] [--limit N] [-o PREFIX] [--beam B,B,... [--beam-stages N,...]]
 
 ``encode`` writes one .vqd file per image into the folder OUT, or, when OUT ends
 in ``.vqd``, one file holding all the images in the order given. ``decode``
@@ -95,9 +95,11 @@ def build_parser():
     p.add_argument("--limit", type=_positive, default=None, help="use the first N test images")
     p.add_argument("-o", "--output", default="rate_distortion", metavar="PREFIX",
                    help="writes PREFIX.csv and PREFIX.png")
-    p.add_argument("--beam", type=_positive, default=1, help="also encode with a beam of B")
+    p.add_argument("--beam", type=_stage_list, default=[], metavar="B,B,...",
+                   help="also encode with beam search of these widths")
     p.add_argument("--beam-stages", type=_stage_list, default=None, metavar="N,N,...",
                    help="stage counts to beam-encode (default all; each is a separate search)")
+    p.add_argument("--title", default=None, help="plot title")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run_rd)
     return parser
@@ -262,12 +264,12 @@ def run_rd(args):
     if beam_stages is not None:
         for n in beam_stages:
             _stages(n, model.num_stages, "--beam-stages", "this model has")
-    rows = rate_distortion(model, images, beam=args.beam, beam_stages=beam_stages,
+    rows = rate_distortion(model, images, beams=args.beam, beam_stages=beam_stages,
                            batch_size=args.batch_size, progress=not args.quiet)
     _make_parent(args.output + ".csv")
     write_csv(rows, args.output + ".csv")
     plot(rows, args.output + ".png",
-         title=f"{dataset}: {len(images)} test images, K = {model.options}")
+         title=args.title or f"{dataset}: {len(images)} test images, K = {model.options}")
     print(format_table(rows))
     print(f"wrote {args.output}.csv and {args.output}.png")
 

@@ -25,15 +25,16 @@ from . import codec
 FIELDS = ("method", "stages", "quality", "role", "bits_per_image", "payload_bytes",
           "bytes_per_image", "mse", "psnr")
 QUALITY_RANGE = {"jpeg": (1, 100), "webp": (0, 100)}
-SWEEP = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)
+SWEEP = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100)  # plus each format's lowest quality
 
 
 @torch.no_grad()
-def rate_distortion(model, images, beam=1, beam_stages=None, batch_size=256, progress=False):
+def rate_distortion(model, images, beams=(), beam_stages=None, batch_size=256, progress=False):
     """Measure everything over ``images``.
 
     :param images: [N x *shape] in [0, 1].
-    :param beam: also encode with a beam of this width (> 1) at ``beam_stages`` (default all).
+    :param beams: also encode with beams of these widths (> 1) at ``beam_stages`` (default all
+                  stage counts; each is a separate search).
     :return: a list of row dicts with keys ``FIELDS``. Roles: "vq" (a VQ-DRAW code length),
              "matched" (JPEG/WebP at the quality closest in size to a VQ-DRAW row), "sweep".
     """
@@ -56,7 +57,7 @@ def rate_distortion(model, images, beam=1, beam_stages=None, batch_size=256, pro
             .view(-1, stages).sum(0)
     rows += [vq_row("vq-draw", n + 1, float(sq_err[n])) for n in range(stages)]
 
-    if beam > 1:
+    for beam in [b for b in beams if b > 1]:
         for n in beam_stages or range(1, stages + 1):
             total = 0.0
             step = max(1, batch_size // beam)
@@ -76,7 +77,7 @@ def rate_distortion(model, images, beam=1, beam_stages=None, batch_size=256, pro
         for row in [r for r in rows if r["method"] == "vq-draw"]:
             q = closest_quality(lambda q: point(q)[0], row["bytes_per_image"], *QUALITY_RANGE[fmt])
             rows.append(_pillow_row(fmt, q, point(q), "matched", row["stages"]))
-        for q in SWEEP:
+        for q in (QUALITY_RANGE[fmt][0], *SWEEP):
             rows.append(_pillow_row(fmt, q, point(q), "sweep", ""))
     return rows
 
@@ -152,16 +153,12 @@ def write_csv(rows, path):
 
 
 def format_table(rows):
-    """Markdown: one line per VQ-DRAW code length with the matched JPEG and WebP."""
+    """Markdown: one line per VQ-DRAW code length with the matched JPEG and WebP; then, when
+    beam search was measured, greedy against each beam width at equal bits."""
     vq = [r for r in rows if r["method"] == "vq-draw"]
-    beams = {r["stages"]: r for r in rows if r["method"].startswith("vq-draw beam")}
     matched = {(r["method"], r["stages"]): r for r in rows if r["role"] == "matched"}
     head = "| stages | bits | bytes (file / payload) | MSE | PSNR dB |"
     rule = "| ---: | ---: | ---: | ---: | ---: |"
-    if beams:
-        name = next(iter(beams.values()))["method"]
-        head += f" {name} MSE | PSNR dB |"
-        rule += " ---: | ---: |"
     for fmt in ("JPEG", "WebP"):
         head += f" {fmt} q | bytes | MSE | PSNR dB |"
         rule += " ---: | ---: | ---: | ---: |"
@@ -169,13 +166,29 @@ def format_table(rows):
     for r in vq:
         line = (f"| {r['stages']} | {r['bits_per_image']} | {r['bytes_per_image']} / "
                 f"{r['payload_bytes']} | {r['mse']:.5f} | {r['psnr']:.2f} |")
-        if beams:
-            b = beams.get(r["stages"])
-            line += f" {b['mse']:.5f} | {b['psnr']:.2f} |" if b else " | |"
         for fmt in ("jpeg", "webp"):
             m = matched[(fmt, r["stages"])]
             line += f" {m['quality']} | {m['bytes_per_image']:.1f} | {m['mse']:.5f} | {m['psnr']:.2f} |"
         lines.append(line)
+    beams = {}
+    for r in rows:
+        if r["method"].startswith("vq-draw beam"):
+            beams.setdefault(r["method"], {})[r["stages"]] = r
+    if beams:
+        lines += ["", "| stages | bits | greedy MSE | PSNR dB |"
+                  + "".join(f" {name[8:]} MSE | PSNR dB | MSE change |" for name in beams),
+                  "| ---: | ---: | ---: | ---: |" + " ---: | ---: | ---: |" * len(beams)]
+        for r in vq:
+            if not any(r["stages"] in b for b in beams.values()):
+                continue
+            line = f"| {r['stages']} | {r['bits_per_image']} | {r['mse']:.5f} | {r['psnr']:.2f} |"
+            for b in beams.values():
+                if r["stages"] in b:
+                    m = b[r["stages"]]["mse"]
+                    line += f" {m:.5f} | {b[r['stages']]['psnr']:.2f} | {100 * (m / r['mse'] - 1):+.1f} % |"
+                else:
+                    line += " | | |"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -191,10 +204,12 @@ def plot(rows, path, title=""):
             label="VQ-DRAW, one-image .vqd file")
     ax.plot([r["payload_bytes"] for r in vq], [r["psnr"] for r in vq], "o--", color="C0", alpha=0.5,
             label="VQ-DRAW, payload only (per image in a batch file)")
-    beam = [r for r in rows if r["method"].startswith("vq-draw beam")]
-    if beam:
-        ax.plot([r["bytes_per_image"] for r in beam], [r["psnr"] for r in beam], "s-", color="C3",
-                label=f"{beam[0]['method']}, one-image file")
+    names = sorted({r["method"] for r in rows if r["method"].startswith("vq-draw beam")},
+                   key=lambda name: int(name.split()[-1]))
+    for i, name in enumerate(names):
+        beam = [r for r in rows if r["method"] == name]
+        ax.plot([r["bytes_per_image"] for r in beam], [r["psnr"] for r in beam], "s:",
+                color=f"C{3 + i}", label=f"VQ-DRAW, {name[8:]} search, one-image file")
     for fmt, color in (("jpeg", "C1"), ("webp", "C2")):
         sweep = sorted((r for r in rows if r["method"] == fmt and r["role"] == "sweep"),
                        key=lambda r: r["quality"])
