@@ -64,6 +64,34 @@ def evaluate(model, images, batch_size=500, device=None, progress=False):
     }
 
 
+def merge_results(parts, options):
+    """One ``evaluate`` result from results on disjoint slices of a set (DDP evaluation).
+
+    Per-stage MSEs are averaged weighted by image count; code usage is recomputed
+    from all the codes. A single part is returned unchanged.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    count = sum(p["count"] for p in parts)
+
+    def mean(key):
+        return [sum(p[key][s] * p["count"] for p in parts) / count for s in range(len(parts[0][key]))]
+
+    codes = torch.cat([p["codes"] for p in parts])
+    entropy, used = code_usage(codes, options)
+    mse, mse_pixels = mean("mse"), mean("mse_pixels")
+    return {
+        "count": count,
+        "mse": mse,
+        "mse_pixels": mse_pixels,
+        "psnr": [10 * math.log10(1 / m) if m > 0 else float("inf") for m in mse_pixels],
+        "entropy": entropy.tolist(),
+        "options_used": used.tolist(),
+        "final_mse": mse[-1],
+        "codes": codes,
+    }
+
+
 def _batches(images, batch_size):
     if torch.is_tensor(images):
         yield from images.split(batch_size)
@@ -88,7 +116,7 @@ def format_table(result, reference=None):
     for s in range(len(result["mse"])):
         line = (f"{s + 1:>5} {bits * (s + 1):>5.0f} {result['mse'][s]:>9.5f} "
                 f"{result['mse_pixels'][s]:>10.6f} {result['psnr'][s]:>8.2f} "
-                f"{result['entropy'][s]:>8.3f} {result['options_used'][s]:>5d}")
+                f"{abs(result['entropy'][s]):>8.3f} {result['options_used'][s]:>5d}")  # no -0.000
         if reference and s < len(reference):
             line += f" {reference[s]:>10.4f}"
         lines.append(line)

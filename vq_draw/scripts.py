@@ -53,6 +53,8 @@ def parse_args(dataset, argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes for image files")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (choices on fp32 losses)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                        help="no tqdm bar (it is shown only when stderr is a terminal)")
     args = parser.parse_args(argv)
     for name in ("batch", "step_interval", "save_interval", "options", "stages", "log_interval",
                  "eval_size"):
@@ -83,8 +85,10 @@ def main(dataset, argv=None):
                          step_limit=args.step_limit or None, save_interval=args.save_interval,
                          eval_interval=args.eval_interval, eval_size=args.eval_size,
                          log_interval=args.log_interval, device=args.device, seed=args.seed,
-                         num_workers=args.workers, bf16=args.bf16)
+                         num_workers=args.workers, bf16=args.bf16, progress=args.progress)
         loop.run()
+        if torch.distributed.is_initialized():  # under torchrun; run() ended in step on every rank
+            torch.distributed.destroy_process_group()
     except (DataError, CheckpointError, SaveError, ValueError, FloatingPointError) as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

@@ -8,6 +8,11 @@ what they meant in the original.
 
 Under ``torchrun`` every process runs a micro-batch of ``batch_size`` per step;
 one update then averages ``batch_size * step_interval * world_size`` images.
+Steps are counted per process, so ``step_limit`` micro-steps train on
+``step_limit * batch_size * world_size`` images. A checkpoint resumed by a
+different number of processes continues after the same number of images (its
+step is rescaled). Every process runs the same evaluations and collectives; only
+rank 0 writes files.
 """
 
 import csv
@@ -22,8 +27,8 @@ import torch.distributed as dist
 
 from .config import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, config_mismatch,
                      model_from_checkpoint, read_checkpoint)
-from .data import BatchSampler, fixed_images, iterate_batches
-from .evaluate import evaluate, format_table
+from .data import ArrayDataset, BatchSampler, fixed_images, iterate_batches
+from .evaluate import evaluate, format_table, merge_results
 
 
 class SaveError(RuntimeError):
@@ -76,12 +81,17 @@ class TrainLoop:
     :param run_dir: folder for the checkpoint, images and the CSV log.
     :param checkpoint_path: checkpoint file (default ``run_dir/checkpoint.pt``); resumed from
                             when it exists.
+    :param progress: show a tqdm bar on stderr (rank 0); None shows it when stderr is a terminal.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized here (NCCL for
+    CUDA devices, gloo otherwise) and every process must construct and run the loop.
     """
 
     def __init__(self, *, model, train_data, test_data=None, run_dir="runs/run", checkpoint_path=None,
                  batch_size=32, step_interval=1, lr=1e-3, lr_final=None, step_limit=None,
                  save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
-                 device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False):
+                 device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
+                 progress=None):
         for name, value, minimum in (("batch_size", batch_size, 1), ("step_interval", step_interval, 1),
                                      ("save_interval", save_interval, 1), ("log_interval", log_interval, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -90,7 +100,8 @@ class TrainLoop:
             raise ValueError(f"step_limit must be a positive integer, got {step_limit!r}")
         if not lr > 0 or (lr_final is not None and not lr_final >= 0):
             raise ValueError(f"learning rates must be positive (lr={lr}, lr_final={lr_final})")
-        self.rank, self.world_size, self.local_rank = _distributed_env()
+        device = str(device)
+        self.rank, self.world_size, self.local_rank = _distributed_env(device)
         if self.world_size > 1 and device.startswith("cuda"):
             device = f"cuda:{self.local_rank}"
         self.device = torch.device(device)
@@ -114,12 +125,24 @@ class TrainLoop:
         self.final_eval = final_eval
         self.quiet = quiet
         self.is_main = self.rank == 0
+        self.progress = self.is_main and not quiet and (sys.stderr.isatty() if progress is None
+                                                         else progress)
+        self._bar = None
         self.step = 0
+        self._log_scale = 1.0  # rescales log.csv steps when a resume rescales the step
         self.last_eval = None
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-5)
+        # Each process draws its own exploration randomness (epsilon); the weights still
+        # start equal everywhere, since DDP copies rank 0's when it wraps the model.
         torch.manual_seed(seed + self.rank)
         if os.path.exists(self.checkpoint_path):
             self._resume()
+        if self.world_size > 1:
+            steps = self._all_gather(self.step)
+            if len(set(steps)) > 1:
+                raise CheckpointError(f"the processes start at different steps {steps}: every node "
+                                      f"must read the same {self.checkpoint_path}; put --run-dir on a "
+                                      f"filesystem shared by all nodes")
         self.ddp_model = self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -140,18 +163,41 @@ class TrainLoop:
         self.model.load_state_dict(model_from_checkpoint(ckpt, self.checkpoint_path).state_dict())
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
+        saved_world = int(ckpt.get("world_size", 1))
+        saved_batch = int(ckpt.get("train", {}).get("batch_size", self.batch_size))
+        if saved_world != self.world_size:
+            # A step is one micro-batch per process, so a step of this run holds another
+            # number of images: continue after the same number of training images.
+            images = self.step * saved_batch * saved_world
+            self.step = images // (self.batch_size * self.world_size)
+            self._log_scale = self.step / int(ckpt["step"]) if ckpt["step"] else 1.0
+            self._log(f"{self.checkpoint_path} was written by {saved_world} process(es) of "
+                      f"micro-batch {saved_batch} at step {ckpt['step']} ({images} images); with "
+                      f"{self.world_size} x {self.batch_size} images per step this is step {self.step}")
         rng = ckpt.get("rng", {})
-        if "torch" in rng and ckpt.get("world_size", 1) == self.world_size:
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        states = rng.get("ranks", [rng] if "torch" in rng else [])  # older files: one state
+        if saved_world == self.world_size and len(states) == self.world_size:
+            torch.set_rng_state(states[self.rank]["torch"])
+            if "cuda" in states[self.rank] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(states[self.rank]["cuda"], self.device)
+        else:
+            # Fresh, distinct streams per process and position, not a replay of step 0's.
+            torch.manual_seed(self.seed + self.rank + self.world_size * self.step)
         self._log(f"resumed from {self.checkpoint_path} at step {self.step}")
 
-    def state(self):
-        """Everything needed to continue: config, weights, optimizer, step and RNG states."""
+    def _rng_state(self):
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def state(self, rng_states=None):
+        """Everything needed to continue: config, weights, optimizer, step and RNG states.
+
+        :param rng_states: every process's RNG states (``save`` gathers them); default this one's.
+        """
+        rng = self._rng_state()
+        rng["ranks"] = rng_states or [dict(rng)]
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -166,17 +212,46 @@ class TrainLoop:
         }
 
     def save(self):
-        if not self.is_main:
-            return
+        """Write the checkpoint, images and loss plot (rank 0); every process must call it."""
+        # The weights are the same in every process, so every process stops here together.
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise FloatingPointError(f"the weights became non-finite before step {self.step}; the last "
                                      f"checkpoint is kept; lower --lr")
-        save_checkpoint(self.checkpoint_path, self.state())
-        from .images import save_progress_images
-        if self.test_data is not None:
-            save_progress_images(self.model, fixed_images(self.test_data, 32), self.run_dir)
-        from .images import plot_log
-        plot_log(self.log_path, os.path.join(self.run_dir, "loss.png"))
+        rng_states = self._all_gather(self._rng_state()) if self.world_size > 1 else None
+
+        def write():
+            save_checkpoint(self.checkpoint_path, self.state(rng_states))
+            from .images import plot_log, save_progress_images
+            if self.test_data is not None:
+                save_progress_images(self.model, fixed_images(self.test_data, 32), self.run_dir)
+            plot_log(self.log_path, os.path.join(self.run_dir, "loss.png"))
+
+        self._main_only(write, "write the checkpoint")
+
+    def _main_only(self, fn, what):
+        """Run ``fn`` on rank 0; if it fails, every process raises, so none waits forever.
+
+        Under DDP this is also a barrier: the others wait until rank 0 is done.
+        """
+        error = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as exc:  # re-raised below, after telling the other processes
+                error = exc
+        failed = [error is not None]
+        if self.world_size > 1:
+            dist.broadcast_object_list(failed, src=0)
+        if error is not None:
+            raise error
+        if failed[0]:
+            raise SaveError(f"rank 0 could not {what}; see its error message")
+
+    def _all_gather(self, obj):
+        """A picklable object from every process, in rank order (a collective call)."""
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     # ------------------------------------------------------------------ the loop
 
@@ -188,31 +263,59 @@ class TrainLoop:
         """Train until ``step_limit`` (forever without one). Returns the last evaluation."""
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
+            _trim_log(self.log_path, self.step, self._log_scale)
         sampler = BatchSampler(len(self.train_data), self.batch_size, seed=self.seed, start=self.step,
                                rank=self.rank, world_size=self.world_size)
         self._on_device_data()
         batches = iterate_batches(self.train_data, sampler, self.num_workers)
+        self._log(self._describe())
         self.model.train()
         totals, count = {}, 0
         last_time, last_step = time.time(), self.step
+        if self.progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=self.step_limit, initial=self.step, unit="step", file=sys.stderr,
+                             dynamic_ncols=True, smoothing=0.05)
         while self.step_limit is None or self.step < self.step_limit:
             terms = self._update(batches)
+            if self._bar is not None:
+                self._bar.update(self._last_update_size)
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + value
             count += 1
             done = self.step_limit is not None and self.step >= self.step_limit
+            evaluated = False
             if self._crossed(self.eval_interval) or done:
                 self.last_eval = self._evaluate(self.eval_size)
-            if self._crossed(self.log_interval) or done:
+                evaluated = self.last_eval is not None
+            # Every evaluation gets its own log row, so the held-out columns are never stale.
+            if self._crossed(self.log_interval) or done or evaluated:
                 now = time.time()
-                self._log_line(self._reduce(totals, count), (self.step - last_step) / (now - last_time))
+                self._log_line(self._reduce(totals, count), (self.step - last_step) / (now - last_time),
+                               evaluated)
                 totals, count = {}, 0
                 last_time, last_step = now, self.step
             if self._crossed(self.save_interval) or done:
                 self.save()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self.final_eval and self.test_data is not None and self.step_limit is not None:
             self.last_eval = self._evaluate(len(self.test_data), final=True)
         return self.last_eval
+
+    def _describe(self):
+        """One line that states what a step and an update are in this run."""
+        procs = f"{self.world_size} processes ({dist.get_backend()})" if self.world_size > 1 \
+            else "1 process"
+        text = (f"training on {procs}, {self.device}: micro-batch {self.batch_size} x step interval "
+                f"{self.step_interval} x {self.world_size} = "
+                f"{self.batch_size * self.step_interval * self.world_size} images per update")
+        if self.step_limit:
+            text += (f"; {self.step_limit} steps per process = "
+                     f"{math.ceil(self.step_limit / self.step_interval)} updates, "
+                     f"{self.step_limit * self.batch_size * self.world_size} images")
+        return text
 
     def _crossed(self, interval):
         """Whether the last update passed a multiple of ``interval`` steps."""
@@ -274,35 +377,54 @@ class TrainLoop:
         return metrics
 
     def _evaluate(self, size, final=False):
-        if self.test_data is None:
+        """Greedy-encode the first ``size`` test images (``evaluate``); a collective call.
+
+        Every process encodes its own slice and the results are merged, so all processes
+        do the same work (none waits on rank 0) and the final full-test pass is shared.
+        """
+        count = 0 if self.test_data is None else min(size, len(self.test_data))
+        if count == 0:
             return None
-        result = None
-        if self.is_main:
-            images = fixed_images(self.test_data, size) if not final else self.test_data
-            result = evaluate(self.model, images, device=self.device)
-            result["options"] = self.model.options
-            if final:
-                self._log(f"held-out evaluation on all {result['count']} test images at step "
-                          f"{self.step}:\n" + format_table(result))
+        start, stop = count * self.rank // self.world_size, count * (self.rank + 1) // self.world_size
+        part = None
+        if stop > start:
+            part = evaluate(self.model, _slice(self.test_data, start, stop), device=self.device)
+        parts = self._all_gather(part) if self.world_size > 1 else [part]
+        result = merge_results([p for p in parts if p is not None], self.model.options)
+        result["options"] = self.model.options
+        self.model.train()
+        if final:
+            self._log(f"held-out evaluation on all {result['count']} test images at step "
+                      f"{self.step}:\n" + format_table(result))
+
+            def write():
                 import json
                 with open(os.path.join(self.run_dir, "final_eval.json"), "w") as f:
                     json.dump({k: v for k, v in result.items() if k != "codes"} |
                               {"step": self.step, "config": self.model.config}, f, indent=2)
-        self.model.train()
+
+            self._main_only(write, "write final_eval.json")
         return result
 
     # ------------------------------------------------------------------ logging
 
     def _log(self, message):
         if self.is_main and not self.quiet:
-            print(message, flush=True)
+            if self._bar is not None:
+                self._bar.write(message, file=sys.stdout)  # clears and redraws the bar
+            else:
+                print(message, flush=True)
 
-    def _log_line(self, metrics, steps_per_sec):
+    def _log_line(self, metrics, steps_per_sec, evaluated=False):
+        """Append a row to log.csv and print the steady progress line (rank 0).
+
+        The held-out columns are filled only on rows where an evaluation just ran.
+        """
         if not self.is_main:
             return
         row = {"step": self.step, "time": round(time.time(), 1)}
         row.update({k: round(v, 6) for k, v in metrics.items()})
-        if self.last_eval is not None:
+        if evaluated and self.last_eval is not None:
             row["test_mse"] = round(self.last_eval["final_mse"], 6)
             row["test_entropy"] = round(sum(self.last_eval["entropy"]) / len(self.last_eval["entropy"]), 4)
             row["test_used"] = min(self.last_eval["options_used"])
@@ -322,7 +444,8 @@ class TrainLoop:
         limit = f"/{self.step_limit}" if self.step_limit else ""
         self._log(f"step {self.step}{limit} loss {metrics['loss']:.5f} final {metrics['final_loss']:.5f}"
                   f"{test} entropy {metrics['code_entropy']:.3f} used {metrics['options_used']:.1f}"
-                  f" lr {metrics['lr']:.2e} {steps_per_sec:.2f} steps/s{left}")
+                  f" lr {metrics['lr']:.2e} {steps_per_sec:.2f} steps/s"
+                  f" ({steps_per_sec * self.batch_size * self.world_size:.0f} img/s){left}")
 
 
 def _duration(seconds):
@@ -331,15 +454,55 @@ def _duration(seconds):
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _distributed_env():
-    """(rank, world_size, local_rank), initializing the process group under torchrun."""
+def _distributed_env(device="cpu"):
+    """(rank, world_size, local_rank), initializing the process group under torchrun.
+
+    NCCL when training on CUDA, gloo otherwise (``--device cpu``, the CPU tests).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        cuda = device.startswith("cuda")
+        if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _slice(data, start, stop):
+    """Images ``start:stop`` of a tensor or dataset, without loading the others."""
+    if torch.is_tensor(data):
+        return data[start:stop]
+    if isinstance(data, ArrayDataset):
+        return ArrayDataset(data.images[start:stop])
+    return torch.utils.data.Subset(data, range(start, stop))
+
+
+def _trim_log(path, step, scale=1.0):
+    """Keep the log.csv rows up to ``step``: a resumed run logs the later steps again.
+
+    ``scale`` converts the logged steps when a resume under another number of processes
+    rescaled the step count.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    if not fields:
+        return
+    kept = []
+    for row in rows:
+        row["step"] = int(int(row["step"]) * scale)
+        if row["step"] <= step:
+            kept.append(row)
+    if len(kept) == len(rows) and scale == 1.0:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)
