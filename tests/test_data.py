@@ -207,24 +207,6 @@ def test_svhn_corrupt_mat_is_a_data_error(tmp_path):
 # ---------------------------------------------------------------------- missing data
 
 
-@pytest.fixture
-def no_downloads(monkeypatch):
-    """Point every torchvision download at a closed local port, whether or not there is internet."""
-    import torchvision.datasets as tvd
-    import torchvision.datasets.celeba as celeba
-
-    closed = "http://127.0.0.1:9/"
-    monkeypatch.setattr(tvd.MNIST, "mirrors", [closed])
-    monkeypatch.setattr(tvd.CIFAR10, "url", closed + "cifar.tar.gz")
-    monkeypatch.setattr(tvd.SVHN, "split_list", {k: [closed + v[1], v[1], v[2]]
-                                                 for k, v in tvd.SVHN.split_list.items()})
-
-    def no_drive(*args, **kwargs):
-        raise RuntimeError("Google Drive is not reachable")
-
-    monkeypatch.setattr(celeba, "download_file_from_google_drive", no_drive)
-
-
 @pytest.mark.parametrize("dataset", ["mnist", "svhn", "cifar10", "celeba"])
 @pytest.mark.parametrize("download", [True, False])
 def test_missing_data_fails_fast_naming_dataset_and_folder(tmp_path, no_downloads, dataset, download):

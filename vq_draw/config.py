@@ -100,7 +100,14 @@ def read_checkpoint(path, map_location="cpu"):
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        if "Unsupported global" in text:
+            # A readable pickle, but of arbitrary Python objects: never unpickled here.
+            raise CheckpointError(f"{path} is not a VQ-DRAW checkpoint: it holds Python objects, not "
+                                  f"only tensors, and is not loaded for safety") from None
+        if "WeightsUnpickler error:" in text:  # skip torch's paragraph about weights_only
+            text = text.split("WeightsUnpickler error:", 1)[1].strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
                               f"not a PyTorch checkpoint ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

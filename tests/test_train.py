@@ -1,0 +1,362 @@
+"""The training loop (vq_draw/train.py): schedule, accumulation, checkpoints, exact resume
+(also after kill -9), a full disk, and a few training steps on every dataset."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import vq_draw
+from vq_draw.data import ArrayDataset, ImageFileDataset, fixed_images, load_dataset
+from vq_draw.train import SaveError, TrainLoop, export_model, learning_rate, save_checkpoint
+from conftest import REPO, script_env, state_equal, tiny_model, write_npz
+
+
+def random_dataset(count, shape=(1, 28, 28), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return ArrayDataset(torch.randint(0, 256, (count, *shape), dtype=torch.uint8, generator=generator))
+
+
+def make_loop(model, run_dir, **kwargs):
+    settings = dict(train_data=random_dataset(16), run_dir=str(run_dir), batch_size=2,
+                    save_interval=1000, log_interval=1000, quiet=True)
+    return TrainLoop(model=model, **(settings | kwargs))
+
+
+@pytest.fixture
+def no_plots(monkeypatch):
+    """No loss plot at each save (matplotlib is slow) where a test is about something else."""
+    import vq_draw.images
+
+    monkeypatch.setattr(vq_draw.images, "plot_log", lambda *args, **kwargs: None)
+
+
+def test_learning_rate_schedule():
+    assert learning_rate(0, 1e-3, 0.0, 100) == 1e-3
+    assert learning_rate(25, 1e-3, 0.0, 100) == pytest.approx(7.5e-4)
+    assert learning_rate(100, 1e-3, 1e-4, 100) == pytest.approx(1e-4)
+    assert learning_rate(150, 1e-3, 1e-4, 100) == pytest.approx(1e-4)
+    assert learning_rate(50, 1e-3, None, 100) == 1e-3  # constant without a final rate
+    assert learning_rate(50, 1e-3, 0.0, None) == 1e-3  # constant without a limit
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_plots):
+    """k micro-batches of b per update equal one batch of k * b: same weights, same gradients.
+
+    16 images are a whole number of batches of 2 and of 8, so with the same seed both runs
+    draw the same images for each update (test_data checks this property of BatchSampler).
+    float64 makes the comparison tight.
+    """
+    data = random_dataset(16, seed=1)
+    runs = {}
+    for name, batch, interval, limit in (("micro", 2, 4, 12), ("big", 8, 1, 3)):
+        model = tiny_model("mnist", stages=2).double()
+        loop = make_loop(model, tmp_path / name, train_data=data, batch_size=batch,
+                         step_interval=interval, step_limit=limit, lr_final=0.0)
+        loop.run()
+        assert loop.step == limit
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs[name] = (model.state_dict(), grads)
+    initial = tiny_model("mnist", stages=2).double().state_dict()
+    (micro, micro_grads), (big, big_grads) = runs["micro"], runs["big"]
+    assert not torch.allclose(micro["output_scale"], initial["output_scale"])  # it trained
+    for name in big:
+        torch.testing.assert_close(micro[name], big[name], rtol=1e-9, atol=1e-12, msg=name)
+    # The last update's gradient: averaged, not summed, over the micro-batches.
+    assert micro_grads.keys() == big_grads.keys() and len(big_grads) > 10
+    for name in big_grads:
+        torch.testing.assert_close(micro_grads[name], big_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def write_png_digits(folder, count, seed=0):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(f"{folder}/{i:03d}.png")
+    return load_dataset("mnist", "train", folder)
+
+
+@pytest.mark.parametrize("source", ["arrays", "image files"])
+def test_resume_equals_an_uninterrupted_run_bitwise(tmp_path, source, no_plots):
+    """Exploration (epsilon), the learning-rate schedule and accumulation all depend on
+    state that must survive the restart."""
+    if source == "arrays":
+        train = random_dataset(12, seed=2)
+    else:
+        train = write_png_digits(str(tmp_path / "pngs"), 13)  # 12 train + 1 test
+    test = random_dataset(3, seed=3)
+    settings = dict(train_data=train, test_data=test, step_interval=2, step_limit=8,
+                    save_interval=2, eval_interval=4, eval_size=2, lr_final=0.0)
+
+    reference = make_loop(tiny_model("mnist", stages=2, epsilon=0.3), tmp_path / "ref", **settings)
+    reference.run()
+
+    first = make_loop(tiny_model("mnist", stages=2, epsilon=0.3), tmp_path / "run", **settings)
+    save = first.save
+
+    def save_then_stop():
+        save()
+        if first.step == 4:
+            raise Interrupted
+
+    first.save = save_then_stop
+    with pytest.raises(Interrupted):
+        first.run()
+    # Another initialization: everything must come from the checkpoint.
+    second = make_loop(tiny_model("mnist", stages=2, epsilon=0.3, seed=9), tmp_path / "run", **settings)
+    assert second.step == 4
+    second.run()
+    assert second.step == 8
+    assert state_equal(second.model.state_dict(), reference.model.state_dict())
+    assert state_equal(second.optimizer.state_dict(), reference.optimizer.state_dict())
+    assert state_equal(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"],
+                       torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["model"])
+
+
+def test_checkpoint_contents_and_load_model(tmp_path):
+    model = tiny_model("svhn", stages=2, segment=1)
+    loop = make_loop(model, tmp_path, train_data=random_dataset(4, (3, 32, 32)),
+                     test_data=random_dataset(2, (3, 32, 32)), step_limit=2, save_interval=2)
+    loop.run()
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)  # plain tensors and containers only
+    assert ckpt["step"] == 2 and ckpt["config"]["dataset"] == "svhn" and ckpt["config"]["stages"] == 2
+    assert {"model", "optimizer", "rng"} <= ckpt.keys()
+    for name in ("reconstructions.png", "samples.png", "log.csv", "loss.png"):
+        assert (tmp_path / name).exists(), name
+    loaded = vq_draw.load_model(str(path))
+    assert not loaded.training and state_equal(loaded.state_dict(), model.state_dict())
+    x = loaded.normalize(torch.rand(2, 3, 32, 32))
+    assert torch.equal(loaded.reconstruct(x), model.eval().reconstruct(x))
+
+    export_model(model, str(tmp_path / "weights.pt"))
+    exported = torch.load(tmp_path / "weights.pt", weights_only=True)
+    assert "optimizer" not in exported
+    assert state_equal(vq_draw.load_model(str(tmp_path / "weights.pt")).state_dict(), model.state_dict())
+    # A weights-only file cannot be resumed from.
+    with pytest.raises(vq_draw.CheckpointError, match="weights only"):
+        make_loop(tiny_model("svhn", stages=2, segment=1), tmp_path,
+                  checkpoint_path=str(tmp_path / "weights.pt"))
+
+
+def test_bad_training_settings():
+    model = tiny_model("mnist", stages=1)
+    for kwargs in (dict(batch_size=0), dict(step_interval=0), dict(save_interval=0),
+                   dict(step_limit=0), dict(lr=0.0), dict(lr=float("nan")), dict(batch_size=2.0)):
+        with pytest.raises(ValueError):
+            make_loop(model, "unused", **kwargs)
+
+
+# ---------------------------------------------------------------------- a full disk
+
+
+def failing_save(written=1000):
+    """A torch.save that writes part of the file and then finds the disk full."""
+    def save(obj, f, *args, **kwargs):
+        f.write(b"\0" * written)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return save
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"step": 1, "weights": torch.arange(5)})
+    before = open(path, "rb").read()
+    monkeypatch.setattr(torch, "save", failing_save())
+    with pytest.raises(SaveError, match="No space left on device") as info:
+        save_checkpoint(path, {"step": 2, "weights": torch.arange(6)})
+    assert "previous checkpoint is intact" in str(info.value)
+    assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # no partial temporary file left
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_disk_full_in_training_stops_with_save_error(tmp_path, monkeypatch, no_plots):
+    loop = make_loop(tiny_model("mnist", stages=1), tmp_path, step_limit=4, save_interval=2)
+    save = loop.save
+    calls = []
+
+    def save_then_fill_disk():
+        calls.append(loop.step)
+        if len(calls) == 2:
+            monkeypatch.setattr(torch, "save", failing_save())
+        save()
+
+    loop.save = save_then_fill_disk
+    with pytest.raises(SaveError):
+        loop.run()
+    monkeypatch.undo()
+    assert calls == [2, 4]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    # The same command resumes from the intact checkpoint.
+    assert make_loop(tiny_model("mnist", stages=1), tmp_path, step_limit=4).step == 2
+
+
+# ---------------------------------------------------------------------- kill -9
+
+
+def kill_restart_and_compare(tmp_path, modes, seed):
+    """Start a tiny MNIST training command and SIGKILL it once per mode ("anywhere": a random
+    moment after its first checkpoint; "save": as soon as it starts writing a checkpoint),
+    restarting the same command each time; then let it finish. Its final checkpoint must be
+    bitwise that of the same command run without interruption."""
+    data = str(tmp_path / "digits.npz")
+    write_npz(data, 40, (1, 28, 28))
+
+    def arguments(run_dir):
+        return ["--data-dir", data, "--stages", "2", "--options", "4", "--batch", "2",
+                "--step-limit", "8", "--step-interval", "2", "--save-interval", "2",
+                "--eval-interval", "1000", "--log-interval", "1000", "--epsilon", "0.3",
+                "--lr-final", "0", "--workers", "0", "--device", "cpu", "--run-dir", str(run_dir)]
+
+    def start(run_dir):
+        return subprocess.Popen([sys.executable, os.path.join(REPO, "train_mnist.py"),
+                                 *arguments(run_dir)], env=script_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    # The uninterrupted run, here (the same code, and one thread as in the subprocesses).
+    from vq_draw.scripts import main
+    main("mnist", arguments(tmp_path / "ref"))
+
+    rng = random.Random(seed)
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "checkpoint.pt"
+    deadline = time.time() + 300
+    killed = []
+    for mode in modes:
+        proc = start(run_dir)
+        tmp = f"checkpoint.pt.tmp.{proc.pid}"
+        if mode == "anywhere":
+            while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.5))
+        else:
+            started = checkpoint.exists()  # a save that starts after this moment
+            while proc.poll() is None and time.time() < deadline:
+                if started and tmp in os.listdir(run_dir):
+                    break
+                started = started or checkpoint.exists()
+                time.sleep(0.001)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed.append(mode)
+        proc.wait()
+        if proc.returncode not in (0, -signal.SIGKILL):
+            pytest.fail(f"the restarted run failed: {proc.stderr.read()}")
+    proc = start(run_dir)
+    _, err = proc.communicate(timeout=max(1, deadline - time.time()))
+    assert proc.returncode == 0, err
+    assert killed, f"the run finished before it could be killed (seed {seed})"
+    print(f"killed: {killed} (seed {seed})")
+
+    final = torch.load(checkpoint, weights_only=True)
+    expected = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
+    assert final["step"] == expected["step"] == 8
+    assert state_equal(final["model"], expected["model"]), f"killed {killed}, seed {seed}"
+    assert state_equal(final["optimizer"], expected["optimizer"]), f"killed {killed}, seed {seed}"
+
+
+def test_kill_9_then_restart_ends_bitwise_equal(tmp_path):
+    """One kill at a random moment: during a training step or, half of the time, during a save."""
+    seed = random.randrange(10 ** 6)
+    kill_restart_and_compare(tmp_path, [random.Random(seed).choice(["anywhere", "save"])], seed)
+
+
+@pytest.mark.slow
+def test_kill_9_repeatedly_during_steps_and_saves(tmp_path):
+    kill_restart_and_compare(tmp_path, ["anywhere", "save", "anywhere", "save"],
+                             random.randrange(10 ** 6))
+
+
+# ---------------------------------------------------------------------- every dataset
+
+
+def first(dataset, count):
+    """The first ``count`` images of a dataset, as a dataset of the same kind."""
+    if isinstance(dataset, ArrayDataset):
+        return ArrayDataset(dataset.images[:count])
+    if isinstance(dataset, ImageFileDataset):
+        return ImageFileDataset(dataset.paths[:count], dataset.shape)
+    raise TypeError(type(dataset))
+
+
+def assert_loss_falls(dataset, train, tmp_path, steps):
+    """Train a tiny model on one fixed batch of real images; its loss on them must fall by 1 %.
+
+    The training set is that batch, so every step sees the same four images, and the loss is
+    measured on them exactly (no exploration, the code path of training) before and after.
+    """
+    train = first(train, 4)
+    model = tiny_model(dataset, stages=2, **({} if dataset == "mnist" else {"segment": 1}))
+    x = model.normalize(fixed_images(train, 4))
+    with torch.no_grad():
+        before = model.training_losses(x)["loss"].item()
+    # No test data: its sample grid (64 decodings) would cost more than the training here.
+    loop = make_loop(model, tmp_path / dataset, train_data=train, batch_size=4,
+                     step_limit=steps, save_interval=steps)
+    loop.run()
+    with torch.no_grad():
+        after = model.training_losses(x)["loss"].item()
+    assert loop.step == steps and (tmp_path / dataset / "checkpoint.pt").exists()
+    assert after < 0.99 * before, f"{dataset}: loss {before:.5f} before, {after:.5f} after {steps} steps"
+
+
+def test_smoke_mnist(shared_data, tmp_path, no_plots):
+    train = load_dataset("mnist", "train", shared_data, download=False)
+    test = load_dataset("mnist", "test", shared_data, download=False)
+    assert (len(train), len(test)) == (60000, 10000)
+    assert_loss_falls("mnist", train, tmp_path, steps=12)
+
+
+def test_smoke_cifar10(shared_data, tmp_path, no_plots):
+    folder = os.path.join(shared_data, "cifar10")
+    if not os.path.isdir(folder):
+        pytest.skip("no CIFAR-10 npz folder")
+    train = load_dataset("cifar10", "train", folder, download=False)
+    test = load_dataset("cifar10", "test", folder, download=False)
+    assert (len(train), len(test)) == (10000, 10000)
+    assert_loss_falls("cifar10", train, tmp_path, steps=3)
+
+
+def test_smoke_celeba(shared_data, tmp_path, no_plots):
+    folder = os.path.join(shared_data, "celeba")
+    if not os.path.isdir(folder):
+        pytest.skip("no CelebA image folder")
+    train = load_dataset("celeba", "train", folder, download=False)
+    test = load_dataset("celeba", "test", folder, download=False)
+    assert (len(train), len(test)) == (9000, 1000)  # the last tenth of the folder is held out
+    assert isinstance(train, ImageFileDataset)  # read through the DataLoader path
+    assert_loss_falls("celeba", train, tmp_path, steps=3)
+
+
+def test_smoke_svhn_synthetic_mat(tmp_path, no_plots):
+    pytest.importorskip("scipy")
+    import scipy.io
+
+    # Smooth synthetic "house numbers" (random low-frequency color fields), not noise,
+    # so that a few steps can make progress as on real photographs.
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        coarse = rng.uniform(0, 255, (4, 4, 3, n))
+        x = np.kron(coarse, np.ones((8, 8, 1, 1))).astype(np.uint8)  # 32 x 32 x 3 x n
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+        scipy.io.savemat(str(tmp_path / f"{split}_32x32.mat"), {"X": x, "y": y})
+    train = load_dataset("svhn", "train", str(tmp_path), download=False)
+    test = load_dataset("svhn", "test", str(tmp_path), download=False)
+    assert (len(train), len(test)) == (8, 4)
+    assert_loss_falls("svhn", train, tmp_path, steps=4)
