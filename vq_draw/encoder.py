@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .losses import LOSSES
+from .losses import LOSSES, mse_options
 
 
 class VQDraw(nn.Module):
@@ -49,6 +49,9 @@ class VQDraw(nn.Module):
         self.epsilon = epsilon
         self.grad_decay = grad_decay
         self.grad_checkpoint = grad_checkpoint
+        # Run the refiner on channels_last activations: faster convolutions (oneDNN on the
+        # CPU, tensor cores on a GPU); the values are the same either way.
+        self.channels_last = True
         self.output_scale = nn.Parameter(torch.tensor(float(output_scale)))
         self.stage0_bias = nn.Parameter(torch.zeros(options, *self.shape))
         channels = self.shape[0]
@@ -70,6 +73,14 @@ class VQDraw(nn.Module):
 
     # ------------------------------------------------------------------ stages
 
+    def _layout(self, recon):
+        """The reconstruction as the refiner's input, in channels_last when enabled."""
+        if self.channels_last and recon.dim() == 4 and recon.stride(1) != 1:
+            # clone, not .contiguous(): with one channel both layouts count as contiguous,
+            # and only the strides tell the convolutions which layout to use.
+            return recon.clone(memory_format=torch.channels_last)
+        return recon
+
     def _next(self, recon, delta, stage, choices):
         """The chosen proposal: [N x *shape] + scale * [N x *shape] (+ bias[choices] at stage 0).
 
@@ -88,21 +99,71 @@ class VQDraw(nn.Module):
             out = out + self.stage0_bias
         return out
 
+    def _option_losses(self, recon, deltas, stage, target):
+        """The loss of every proposal, [N x K], in at least float32 (also under autocast), so
+        that the choices do not depend on the precision of the network.
+
+        MSE after stage 0 skips materializing the proposals (``losses.mse_options``).
+        """
+        with torch.autocast(recon.device.type, enabled=False):
+            # Half-precision outputs are widened; a float64 model stays in float64.
+            dtype = torch.promote_types(target.dtype, torch.float32)
+            deltas, recon, target = deltas.to(dtype), recon.to(dtype), target.to(dtype)
+            if self.loss_name == "mse" and stage > 0:
+                return mse_options(recon - target, deltas, self.output_scale)
+            return self.loss_fn(self._proposals(recon, deltas, stage), target)
+
+    def _distinct_features(self, recon, stage, first_choices):
+        """Refiner features for the distinct inputs of a stage (inference).
+
+        Every image enters stage 0 as zeros and stage 1 as one of K reconstructions (set
+        by its first choice), so there the refiner runs once per distinct input.
+
+        :param recon: [N x *shape] reconstructions entering ``stage``.
+        :param first_choices: [N] the stage-0 choices (used at stage 1).
+        :return: (features [U x ...], inverse [N] mapping images to rows, or None when U = N).
+        """
+        n = len(recon)
+        if stage == 0:
+            features = self.refiner.features(self._layout(recon[:1]), 0)
+            return features, torch.zeros(n, dtype=torch.long, device=recon.device)
+        if stage == 1:
+            unique, inverse = torch.unique(first_choices, return_inverse=True)
+            if len(unique) < n:
+                first = torch.empty_like(unique).scatter_(0, inverse,
+                                                          torch.arange(n, device=recon.device))
+                return self.refiner.features(self._layout(recon[first]), 1), inverse
+        return self.refiner.features(self._layout(recon), stage), None
+
+    def _chosen_option(self, features, inverse, stage, choices):
+        """The chosen refiner output of every image, [N x *shape] (encode and decode share it)."""
+        if stage == 0:
+            return self.refiner.options(features, 0)[0, choices]  # one image's K options
+        if inverse is not None:
+            features = features[inverse]
+        return self.refiner.options(features, stage, choices)
+
     def _train_stage(self, recon, target, stage):
         """One stage with gradients: returns (next recon, choices [N], losses [N x K])."""
         if stage > 0 and self.grad_decay:
             # Same value, gradient into earlier stages scaled by (1 - grad_decay).
             recon = recon.detach() + (1 - self.grad_decay) * (recon - recon.detach())
-        features = self.refiner.features(recon, stage)
-        proposals = self._proposals(recon, self.refiner.options(features, stage), stage)
-        losses = self.loss_fn(proposals, target)
-        choices = losses.detach().float().argmin(1)
+        if stage == 0:
+            # Every image enters stage 0 as zeros: the refiner runs on one image and all
+            # share its K options (their gradients add up over the batch, as they would).
+            shared = self.refiner.options(self.refiner.features(self._layout(recon[:1]), 0), 0)
+            deltas = shared.expand(len(recon), *shared.shape[1:])
+        else:
+            deltas = self.refiner.options(self.refiner.features(self._layout(recon), stage), stage)
+        losses = self._option_losses(recon, deltas, stage, target)
+        choices = losses.detach().argmin(1)
         if self.training and self.epsilon > 0:
             explore = torch.rand(choices.shape, device=choices.device) < self.epsilon
             random = torch.randint(0, self.options, choices.shape, device=choices.device)
             choices = torch.where(explore, random, choices)
-        picked = proposals[torch.arange(len(choices), device=choices.device), choices]
-        return picked, choices, losses
+        # Only the chosen proposal is formed; its values equal proposals[i, choices[i]].
+        delta = shared[0, choices] if stage == 0 else _PickOption.apply(deltas, choices)
+        return self._next(recon, delta, stage, choices), choices, losses
 
     def _train_chunk(self, recon, target, start, stop):
         codes, losses = [], []
@@ -188,13 +249,18 @@ class VQDraw(nn.Module):
         recon = torch.zeros_like(x)
         codes, recons = [], []
         for stage in range(n):
-            features = self.refiner.features(recon, stage)
-            deltas = self.refiner.options(features, stage)
-            losses = self.loss_fn(self._proposals(recon, deltas, stage), x)
-            choices = losses.float().argmin(1)
-            # Recompute the chosen option the way decode does, so that decoding the
-            # code reproduces this reconstruction bit for bit.
-            recon = self._next(recon, self.refiner.options(features, stage, choices), stage, choices)
+            features, inverse = self._distinct_features(recon, stage, codes[0] if codes else None)
+            deltas = self.refiner.options(features, stage)  # [U x K x *shape]
+            if stage == 0:
+                deltas = deltas.expand(len(x), *deltas.shape[1:])
+            elif inverse is not None:
+                deltas = deltas[inverse]
+            choices = self._option_losses(recon, deltas, stage, x).argmin(1)
+            # Compute the chosen option the way decode does, so that decoding the code
+            # reproduces this reconstruction bit for bit.
+            delta = deltas[0, choices] if stage == 0 else \
+                self._chosen_option(features, inverse, stage, choices)
+            recon = self._next(recon, delta, stage, choices)
             codes.append(choices)
             recons.append(recon)
         codes = torch.stack(codes, 1)
@@ -219,10 +285,10 @@ class VQDraw(nn.Module):
         codes = torch.zeros(count, 1, 0, dtype=torch.long, device=x.device)  # [count x width x t]
         width = 1  # all codes start equal, so one beam until there are more distinct ones
         for stage in range(n):
-            features = self.refiner.features(recon, stage)
-            proposals = self._proposals(recon, self.refiner.options(features, stage), stage)
+            features = self.refiner.features(self._layout(recon), stage)
+            deltas = self.refiner.options(features, stage)
             # The same losses as greedy encoding: [count * width x K].
-            losses = self.loss_fn(proposals, x.repeat_interleave(width, 0)).float()
+            losses = self._option_losses(recon, deltas, stage, x.repeat_interleave(width, 0))
             new_width = min(beam, width * k)
             order = losses.view(count, width * k).argsort(dim=1, stable=True)[:, :new_width]
             parent, choice = order // k, order % k  # [count x new_width]
@@ -263,8 +329,9 @@ class VQDraw(nn.Module):
         recons = []
         for stage in range(m):
             choices = codes[:, stage]
-            features = self.refiner.features(recon, stage)
-            recon = self._next(recon, self.refiner.options(features, stage, choices), stage, choices)
+            features, inverse = self._distinct_features(recon, stage, codes[:, 0])
+            recon = self._next(recon, self._chosen_option(features, inverse, stage, choices), stage,
+                               choices)
             recons.append(recon)
         return torch.stack(recons, 1) if return_all else recon
 
@@ -310,6 +377,31 @@ class VQDraw(nn.Module):
             raise ValueError(f"codes must be in [0, {self.options}), got values from "
                              f"{int(codes.min())} to {int(codes.max())}")
         return codes.long().to(self.output_scale.device)
+
+
+class _PickOption(torch.autograd.Function):
+    """``deltas[i, choices[i]]``: [N x K x *shape], [N] -> [N x *shape].
+
+    Plain indexing returns its gradient as a contiguous (NCHW) tensor, which turns the
+    gradient of the last convolution away from channels_last and makes it convert
+    layouts every stage; this keeps the layout of ``deltas``.
+    """
+
+    @staticmethod
+    def forward(ctx, deltas, choices):
+        rows = torch.arange(len(choices), device=choices.device)
+        ctx.save_for_backward(rows, choices)
+        ctx.layout = deltas.shape, deltas.stride()
+        return deltas[rows, choices]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, choices = ctx.saved_tensors
+        shape, stride = ctx.layout
+        out = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).zero_()
+        out[rows, choices] = grad
+        return out, None
 
 
 def code_usage(codes, options):
