@@ -60,6 +60,7 @@ def _worker(rank, world_size, port, jobs, out_dir):
             outcomes.append(f"{type(exc).__name__}: {exc}")
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(outcomes, f)
+    dist.barrier()  # as TrainLoop.close: both processes done before the group goes
     dist.destroy_process_group()
 
 

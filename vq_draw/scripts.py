@@ -87,8 +87,7 @@ def main(dataset, argv=None):
                          log_interval=args.log_interval, device=args.device, seed=args.seed,
                          num_workers=args.workers, bf16=args.bf16, progress=args.progress)
         loop.run()
-        if torch.distributed.is_initialized():  # under torchrun; run() ended in step on every rank
-            torch.distributed.destroy_process_group()
+        loop.close()
     except (DataError, CheckpointError, SaveError, ValueError, FloatingPointError) as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:

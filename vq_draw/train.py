@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -148,6 +149,10 @@ class TrainLoop:
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+            # A 1-channel conv weight (MNIST's first layer) can get a gradient whose stride
+            # differs in the size-1 dimension; DDP then copies it into its bucket, which is
+            # correct, yet warns on every process and breaks the progress bar.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -303,6 +308,14 @@ class TrainLoop:
         if self.final_eval and self.test_data is not None and self.step_limit is not None:
             self.last_eval = self._evaluate(len(self.test_data), final=True)
         return self.last_eval
+
+    def close(self):
+        """Under torchrun, leave the process group; every process calls it after ``run``."""
+        if self.world_size > 1 and dist.is_initialized():
+            # Every process first passes its last collective: gloo can abort a process whose
+            # peer has already torn down the group.
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            dist.destroy_process_group()
 
     def _describe(self):
         """One line that states what a step and an update are in this run."""
