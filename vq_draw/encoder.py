@@ -285,17 +285,28 @@ class VQDraw(nn.Module):
         codes = torch.zeros(count, 1, 0, dtype=torch.long, device=x.device)  # [count x width x t]
         width = 1  # all codes start equal, so one beam until there are more distinct ones
         for stage in range(n):
-            features = self.refiner.features(self._layout(recon), stage)
-            deltas = self.refiner.options(features, stage)
-            # The same losses as greedy encoding: [count * width x K].
+            # The same computations as greedy encoding, over count * width rows.
+            first = codes[:, :, 0].reshape(-1) if stage else None
+            features, inverse = self._distinct_features(recon, stage, first)
+            deltas = self.refiner.options(features, stage)  # [U x K x *shape]
+            if stage == 0:
+                deltas = deltas.expand(len(recon), *deltas.shape[1:])
+            elif inverse is not None:
+                deltas = deltas[inverse]
             losses = self._option_losses(recon, deltas, stage, x.repeat_interleave(width, 0))
             new_width = min(beam, width * k)
             order = losses.view(count, width * k).argsort(dim=1, stable=True)[:, :new_width]
             parent, choice = order // k, order % k  # [count x new_width]
             rows = (torch.arange(count, device=x.device).unsqueeze(1) * width + parent).view(-1)
             choices = choice.reshape(-1)
-            recon = self._next(recon[rows], self.refiner.options(features[rows], stage, choices),
-                               stage, choices)
+            # The feature row of each survivor's parent (None: row i, as greedy has it).
+            source = rows if inverse is None else inverse[rows]
+            if len(source) == len(features) and \
+                    torch.equal(source, torch.arange(len(source), device=x.device)):
+                source = None
+            delta = deltas[0, choices] if stage == 0 else \
+                self._chosen_option(features, source, stage, choices)
+            recon = self._next(recon[rows], delta, stage, choices)
             codes = torch.cat([codes.gather(1, parent.unsqueeze(2).expand(-1, -1, stage)),
                                choice.unsqueeze(2)], 2)
             width = new_width
