@@ -119,8 +119,7 @@ def run_encode(args):
             raise CliError(f"-o {args.output} is a file; give a folder, or a name ending in "
                            f"{codec.SUFFIX} for one file holding all images")
         targets = _unique_names(args.images, args.output, codec.SUFFIX)
-    from .data import load_image
-    images = torch.stack([_read_image(load_image, path, model.shape) for path in args.images])
+    images = torch.stack([_read_image(path, model.shape) for path in args.images])
     codes = encode_images(model, images, stages, args.beam, args.batch_size)
     _make_parent(targets[0])
     groups = [codes] if single else codes.split(1)
@@ -141,12 +140,13 @@ def encode_images(model, images, num_stages=None, beam=1, batch_size=64):
     return torch.cat(out)
 
 
-def _read_image(load_image, path, shape):
+def _read_image(path, shape):
+    from .data import DataError, load_image
     try:
         return load_image(path, shape)
+    except DataError:
+        raise
     except Exception as exc:  # Pillow raises several types (decompression bombs, bad headers)
-        if type(exc).__name__ == "DataError":
-            raise
         raise CliError(f"cannot read image {path}: {_one_line(exc)}") from None
 
 
