@@ -53,6 +53,10 @@ def parse_args(dataset, argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes for image files")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (choices on fp32 losses)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the refiner networks (minutes to compile; for GPUs)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                        help="run the convolutions in NCHW instead of channels_last")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="no tqdm bar (it is shown only when stderr is a terminal)")
     args = parser.parse_args(argv)
@@ -77,6 +81,7 @@ def main(dataset, argv=None):
                              aux_coeff=args.aux_coeff, final_coeff=args.final_coeff,
                              epsilon=args.epsilon, grad_decay=args.grad_decay,
                              grad_checkpoint=args.grad_checkpoint)
+        model.channels_last = args.channels_last
         train = load_dataset(dataset, "train", args.data_dir)
         test = load_dataset(dataset, "test", args.data_dir)
         loop = TrainLoop(model=model, train_data=train, test_data=test, run_dir=args.run_dir,
@@ -85,7 +90,8 @@ def main(dataset, argv=None):
                          step_limit=args.step_limit or None, save_interval=args.save_interval,
                          eval_interval=args.eval_interval, eval_size=args.eval_size,
                          log_interval=args.log_interval, device=args.device, seed=args.seed,
-                         num_workers=args.workers, bf16=args.bf16, progress=args.progress)
+                         num_workers=args.workers, bf16=args.bf16, progress=args.progress,
+                         compile=args.compile)
         loop.run()
         loop.close()
     except (DataError, CheckpointError, SaveError, ValueError, FloatingPointError) as exc:

@@ -65,6 +65,21 @@ def export_model(model, path):
                            "config": dict(model.config), "model": model.state_dict()})
 
 
+def compile_refiners(model):
+    """``torch.compile`` the ``features`` and ``options`` of every refiner network of ``model``.
+
+    Only the networks are compiled (per segment, so that the stage index becomes a dynamic
+    integer after the first recompile); the staged loop and the choices stay eager, and the
+    modules, parameters and state_dict keys are unchanged.
+    """
+    from .nn import Refiner
+    for module in model.modules():
+        if isinstance(module, Refiner):
+            module.features = torch.compile(module.features)
+            module.options = torch.compile(module.options)
+    return model
+
+
 def learning_rate(step, lr, lr_final, step_limit):
     """Linear from ``lr`` at step 0 to ``lr_final`` at ``step_limit`` (constant without either)."""
     if lr_final is None or not step_limit:
@@ -83,6 +98,8 @@ class TrainLoop:
     :param checkpoint_path: checkpoint file (default ``run_dir/checkpoint.pt``); resumed from
                             when it exists.
     :param progress: show a tqdm bar on stderr (rank 0); None shows it when stderr is a terminal.
+    :param bf16: bfloat16 autocast (the choices are still made on float32 losses).
+    :param compile: ``torch.compile`` the refiner networks (``compile_refiners``).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized here (NCCL for
     CUDA devices, gloo otherwise) and every process must construct and run the loop.
@@ -92,7 +109,7 @@ class TrainLoop:
                  batch_size=32, step_interval=1, lr=1e-3, lr_final=None, step_limit=None,
                  save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
                  device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
-                 progress=None):
+                 progress=None, compile=False):
         for name, value, minimum in (("batch_size", batch_size, 1), ("step_interval", step_interval, 1),
                                      ("save_interval", save_interval, 1), ("log_interval", log_interval, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -107,6 +124,10 @@ class TrainLoop:
             device = f"cuda:{self.local_rank}"
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the same shapes come back every step
+        if compile:
+            compile_refiners(self.model)
         self.train_data = train_data
         self.test_data = test_data
         self.run_dir = run_dir

@@ -1,0 +1,164 @@
+"""The optimized paths against the straightforward reference in ``vq_draw.bench``.
+
+Tiny models (K = 4, a few stages, batches of 2 to 9): codes must be equal, losses,
+reconstructions and gradients equal within float tolerance (gradients in float64,
+where a ReLU input rounding to the other side of zero is too rare to matter).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from vq_draw import bench
+from vq_draw.losses import mse_loss, mse_options
+from vq_draw.nn import OptionConv
+
+TINY = dict(options=4, stages=3)
+
+
+def tiny_models(dataset, dtype=torch.float32, seed=0, **kwargs):
+    settings = dict(TINY, **kwargs)
+    segment = None if dataset == "mnist" else 1
+    model, reference = bench.build_models(dataset, settings["options"], settings["stages"], segment,
+                                          seed=seed)
+    return model.to(dtype), reference.to(dtype)
+
+
+def images(model, n, dtype=torch.float32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return model.normalize(torch.rand(n, *model.shape, generator=gen)).to(dtype)
+
+
+@pytest.mark.parametrize("channels,channels_last,n", [(1, False, 3), (2, False, 3), (3, True, 3),
+                                                      (1, True, 70)])
+def test_mse_options_matches_broadcast_mse_and_gradcheck(channels, channels_last, n):
+    torch.manual_seed(0)
+    shape = (n, channels, 5, 4)
+    residual = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = torch.randn(n, 4 * channels, 5, 4, dtype=torch.float64)  # a conv output, K = 4
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    deltas = out.view(n, 4, channels, 5, 4).detach().requires_grad_(True)
+    scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    expected = mse_loss(residual.unsqueeze(1) + scale * deltas, torch.zeros(shape, dtype=torch.float64))
+    torch.testing.assert_close(mse_options(residual, deltas, scale), expected, rtol=1e-12, atol=1e-12)
+    if n <= 3:  # gradcheck is slow on big inputs
+        assert torch.autograd.gradcheck(mse_options, (residual, deltas, scale))
+    grad = torch.autograd.grad(mse_options(residual, deltas, scale).sum(), deltas)[0]
+    assert grad.stride() == deltas.stride()  # the last convolution gets its own layout back
+
+
+@pytest.mark.parametrize("kernel,channels,per_stage,size", [(3, 1, False, (28, 28)), (5, 3, False, (9, 7)),
+                                                            (1, 3, True, (8, 8)), (3, 2, False, (5, 6))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_select_equals_full_layer(kernel, channels, per_stage, size, channels_last):
+    torch.manual_seed(0)
+    head = OptionConv(16, channels, 5, kernel, num_stages=3, per_stage=per_stage).double()
+    h = torch.randn(6, 16, *size, dtype=torch.float64)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    choices = torch.tensor([0, 4, 2, 2, 1, 3])
+    for stage in (0, 2):
+        full = head(h, stage)[torch.arange(6), choices]
+        torch.testing.assert_close(head.select(h, stage, choices), full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "svhn"])
+def test_gradients_equal_reference_in_float64(dataset):
+    model, reference = tiny_models(dataset, torch.float64)
+    x = images(model, 2, torch.float64)
+    terms = model(x)
+    terms["loss"].backward()
+    loss, codes, losses = bench.reference_loss(reference, x)
+    loss.backward()
+    assert torch.equal(terms["codes"], codes)
+    torch.testing.assert_close(terms["loss"], loss, rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-10, msg=name)
+    # With gradient checkpointing too.
+    model.zero_grad()
+    model.grad_checkpoint = True
+    model(x)["loss"].backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("dataset", bench.ARCHITECTURES)
+def test_optimized_paths_agree_with_reference(dataset):
+    model, reference = tiny_models(dataset)
+    # 9 images and K = 4: stage 1 sees repeated inputs, so its once-per-input path runs.
+    x = images(model, 9)
+    result = bench.check_agreement(model, reference, x)
+    assert result["codes_equal"], result
+    assert result["decode_is_reconstruct"], result
+    for key in ("loss", "losses", "encode_recon", "decode"):
+        assert result[key] < 1e-5, (key, result)
+
+
+def test_decode_of_other_codes_and_prefixes():
+    model, reference = tiny_models("mnist", stages=4)
+    model.eval()
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 4, (10, 4), generator=gen)
+    torch.testing.assert_close(model.decode(codes), bench.reference_decode(reference, codes),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.decode(codes[:, :2]), bench.reference_decode(reference, codes[:, :2]),
+                               rtol=1e-5, atol=1e-5)
+    x = images(model, 10)
+    codes, recons = model.encode(x, return_all=True)
+    assert torch.equal(model.decode(codes, return_all=True), recons)
+
+
+def test_channels_last_changes_no_codes():
+    model, _ = tiny_models("cifar10", stages=2)
+    model.eval()
+    x = images(model, 5)
+    codes, recon = model.encode(x, return_all=True)
+    model.channels_last = False
+    codes2, recon2 = model.encode(x, return_all=True)
+    assert torch.equal(codes, codes2)
+    torch.testing.assert_close(recon, recon2, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_chooses_on_float32_losses():
+    model, _ = tiny_models("mnist")
+    x = images(model, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes, _, losses = model.run(x)
+        terms = model(x)
+    assert losses.dtype == torch.float32
+    assert torch.equal(codes, losses.argmin(2))
+    terms["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bench_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--datasets", "mnist", "--repeats", "1", "--no-memory", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "ratio" in printed and "mnist" in printed
+    data = json.loads(out.read_text())
+    rows = {row["measure"]: row for row in data["results"]}
+    assert set(rows) == set(bench.MEASURES)
+    for row in rows.values():
+        assert row["reference_s"] > 0 and row["optimized_s"] > 0
+        assert row["ratio"] == pytest.approx(row["reference_s"] / row["optimized_s"])
+    assert rows["encode"]["optimized_images_per_s"] > 0
+    assert data["agreement"]["mnist"]["codes_equal"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux")
+def test_memory_measurement_in_subprocess():
+    spec = dict(bench.settings_for("mnist", "cpu", quick=True), measure="train", impl="optimized",
+                device="cpu", channels_last=True, threads=1)
+    result = bench.measure_memory(spec)
+    assert result["peak_mb"] > 50  # at least the Python process with torch
+    assert 0 <= result["working_mb"] < result["peak_mb"]
+
+
+def test_bench_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err

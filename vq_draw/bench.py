@@ -1,0 +1,520 @@
+"""Benchmark: training, encoding and decoding against a straightforward reference.
+
+``python -m vq_draw.bench [--datasets mnist cifar10] [--repeats 3] [--json OUT] [--quick]``
+
+For every architecture it times a training step (forward, backward and Adam) with
+and without gradient checkpointing, and greedy encoding and decoding in images/s,
+and measures peak memory (on the CPU the peak RSS of a fresh subprocess per
+measurement; on a GPU ``torch.cuda.max_memory_allocated``). Each measure is made
+twice, in the same process and alternately, on two copies of one model with the
+same weights:
+
+- **optimized**: the library as it is used (``VQDraw.training_losses``, ``encode``,
+  ``decode``): channel masks folded into the convolution weights, the proposal losses
+  without materializing the proposals (``losses.mse_options``), decoding that computes
+  only the chosen option (``OptionConv.select``), channels_last activations;
+- **reference**: the same math written straightforwardly (``reference_*`` below): all
+  K proposals materialized, per-option MSE by broadcasting, the chosen proposal picked
+  by advanced indexing, decoding through the full network, masks applied as a separate
+  multiply (``MaskedConv.fold_mask = False``), default NCHW layout.
+
+Ratios are reference time / optimized time (higher is better) and are robust to a
+shared machine because both run interleaved; absolute times are the best of
+``--repeats``. The big architectures default to fewer stages and smaller batches on
+the CPU: the per-stage network is the same, so images/s scale with 1 / stages.
+"""
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .config import DATASETS, create_model
+from .nn import MaskedConv
+
+ARCHITECTURES = ("mnist", "svhn", "cifar10", "celeba")
+
+# Settings per architecture: (device kind, quick) -> stages, segment, train batch, coding batch.
+# None means the published value. On the CPU the big models run one segment of a few stages
+# (a 100-stage CIFAR step at batch 32 takes minutes here); the network per stage is unchanged.
+SETTINGS = {
+    "cpu": {
+        "mnist": dict(stages=None, segment=None, train_batch=32, batch=1000),
+        "svhn": dict(stages=5, segment=5, train_batch=32, batch=200),
+        "cifar10": dict(stages=4, segment=4, train_batch=32, batch=100),
+        "celeba": dict(stages=2, segment=2, train_batch=32, batch=50),
+    },
+    "cuda": {
+        "mnist": dict(stages=None, segment=None, train_batch=32, batch=1000),
+        "svhn": dict(stages=None, segment=None, train_batch=32, batch=1000),
+        "cifar10": dict(stages=None, segment=None, train_batch=32, batch=250),
+        "celeba": dict(stages=None, segment=None, train_batch=32, batch=100),
+    },
+    "quick": {name: dict(stages=2, segment=1 if name != "mnist" else None, train_batch=2, batch=4)
+              for name in ARCHITECTURES},
+}
+MEASURES = ("train", "train_ckpt", "encode", "decode")
+
+
+# ---------------------------------------------------------------------- the reference
+
+
+@contextmanager
+def unfolded_masks(model):
+    """Apply every channel mask as a separate multiply (``MaskedConv.fold_mask = False``)."""
+    convs = [m for m in model.modules() if isinstance(m, MaskedConv)]
+    saved = [m.fold_mask for m in convs]
+    for m in convs:
+        m.fold_mask = False
+    try:
+        yield model
+    finally:
+        for m, value in zip(convs, saved):
+            m.fold_mask = value
+
+
+def reference_stage(model, recon, target, stage):
+    """One stage, straightforwardly: all K proposals [N x K x *shape] and their MSE.
+
+    :return: (chosen proposal [N x *shape], choices [N], losses [N x K]).
+    """
+    deltas = model.refiner.options(model.refiner.features(recon, stage), stage)  # [N x K x *shape]
+    proposals = recon.unsqueeze(1) + model.output_scale * deltas
+    if stage == 0:
+        proposals = proposals + model.stage0_bias
+    losses = (proposals - target.unsqueeze(1)).pow(2).flatten(2).mean(2)
+    choices = losses.detach().argmin(1)
+    return proposals[torch.arange(len(target), device=target.device), choices], choices, losses
+
+
+def _reference_chunk(model, recon, target, start, stop):
+    codes, losses = [], []
+    for stage in range(start, stop):
+        recon, choices, stage_losses = reference_stage(model, recon, target, stage)
+        codes.append(choices)
+        losses.append(stage_losses)
+    return recon, torch.stack(codes, 1), torch.stack(losses, 1)
+
+
+def reference_run(model, x, grad_checkpoint=False):
+    """``VQDraw.run`` without exploration: (codes [N x S], reconstruction, losses [N x S x K])."""
+    stages = model.num_stages
+    chunk = max(1, round(math.sqrt(stages))) if grad_checkpoint and torch.is_grad_enabled() else stages
+    recon = torch.zeros_like(x)
+    codes, losses = [], []
+    for start in range(0, stages, chunk):
+        stop = min(start + chunk, stages)
+        if chunk < stages:
+            recon, c, l = checkpoint(_reference_chunk, model, recon, x, start, stop, use_reentrant=False)
+        else:
+            recon, c, l = _reference_chunk(model, recon, x, start, stop)
+        codes.append(c)
+        losses.append(l)
+    return torch.cat(codes, 1), recon, torch.cat(losses, 1)
+
+
+def reference_loss(model, x, grad_checkpoint=False):
+    """The training objective of ``VQDraw.training_losses``: (loss, codes, losses [N x S x K])."""
+    codes, _, losses = reference_run(model, x, grad_checkpoint)
+    stage_losses = losses.gather(2, codes.unsqueeze(2)).squeeze(2).mean(0)
+    loss = stage_losses.mean() + model.aux_coeff * losses.mean() + model.final_coeff * stage_losses[-1]
+    return loss, codes, losses
+
+
+@torch.no_grad()
+def reference_encode(model, x):
+    """Greedy codes [N x S] and the final reconstruction [N x *shape]."""
+    codes, recon, _ = reference_run(model, x)
+    return codes, recon
+
+
+@torch.no_grad()
+def reference_decode(model, codes):
+    """Decode through the full network, picking each stage's proposal by indexing."""
+    n = len(codes)
+    rows = torch.arange(n, device=codes.device)
+    recon = torch.zeros(n, *model.shape, device=codes.device)
+    for stage in range(codes.shape[1]):
+        deltas = model.refiner.options(model.refiner.features(recon, stage), stage)
+        proposals = recon.unsqueeze(1) + model.output_scale * deltas
+        if stage == 0:
+            proposals = proposals + model.stage0_bias
+        recon = proposals[rows, codes[:, stage]]
+    return recon
+
+
+# ---------------------------------------------------------------------- models and steps
+
+
+def build_models(dataset, options=64, stages=None, segment=None, device="cpu", seed=0,
+                 channels_last=True, which=("optimized", "reference")):
+    """(optimized, reference): two copies of one freshly initialized model, same weights.
+
+    The reference applies its masks unfolded and runs in the default NCHW layout; the
+    optimized copy runs its activations in channels_last when ``channels_last``. A copy
+    not named in ``which`` is None.
+    """
+    torch.manual_seed(seed)
+    model = create_model(dataset, options=options, stages=stages, segment=segment)
+    reference = None
+    if "reference" in which:
+        reference = model if "optimized" not in which else copy.deepcopy(model)
+        for m in reference.modules():
+            if isinstance(m, MaskedConv):
+                m.fold_mask = False
+        reference.channels_last = False
+        reference.to(device)
+    if "optimized" not in which:
+        return None, reference
+    model.channels_last = channels_last
+    return model.to(device), reference
+
+
+def make_optimizer(model):
+    return torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-5)
+
+
+def train_step(model, optimizer, x, reference=False, grad_checkpoint=False):
+    """One training step (forward, backward, Adam); returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    if reference:
+        loss = reference_loss(model, x, grad_checkpoint)[0]
+    else:
+        model.grad_checkpoint = grad_checkpoint
+        loss = model(x)["loss"]
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def check_agreement(model, reference, x, codes=None):
+    """Run both implementations once on the same inputs and compare them.
+
+    Compares the training loss, the per-option losses, the gradients, the encoder's codes
+    and reconstruction and the decoding of ``codes`` (default: the encoder's).
+    :return: dict of max abs differences and ``codes_equal`` (bool).
+    """
+    model.train()
+    reference.train()
+    terms = model(x)
+    model.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    loss, ref_codes, ref_losses = reference_loss(reference, x)
+    reference.zero_grad(set_to_none=True)
+    loss.backward()
+    _, _, losses = model.run(x)
+    grads = [(a.grad, b.grad) for a, b in zip(model.parameters(), reference.parameters())]
+    grad_diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+                    for a, b in grads if a is not None and b is not None)
+    model.eval()
+    reference.eval()
+    enc_codes, enc_recons = model.encode(x, return_all=True)
+    ref_enc_codes, ref_recon = reference_encode(reference, x)
+    codes = enc_codes if codes is None else codes
+    decoded = model.decode(codes)
+    ref_decoded = reference_decode(reference, codes)
+    model.train()
+    reference.train()
+    return {
+        "codes_equal": bool(torch.equal(terms["codes"], ref_codes) and torch.equal(enc_codes, ref_enc_codes)),
+        "loss": (terms["loss"] - loss).abs().item(),
+        "losses": (losses - ref_losses).abs().max().item(),
+        "grad_rel": grad_diff,
+        "encode_recon": (enc_recons[:, -1] - ref_recon).abs().max().item(),
+        "decode": (decoded - ref_decoded).abs().max().item(),
+        "decode_is_reconstruct": bool(torch.equal(model.decode(enc_codes), enc_recons[:, -1])),
+    }
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fns, repeats, device, clock="wall"):
+    """Best time of each function over ``repeats`` interleaved runs (after one warm-up).
+
+    :param clock: "wall", or "cpu" for this process's CPU time, which on a machine shared
+                  with other jobs counts only the time the work itself ran (use it with one
+                  thread: with more, threads waiting for each other count too).
+    """
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    best = [math.inf] * len(fns)
+    for fn in fns:
+        fn()
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            start = now()
+            fn()
+            _sync(device)
+            best[i] = min(best[i], now() - start)
+    return best
+
+
+def _images(dataset, n, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *DATASETS[dataset]["shape"], generator=gen).to(device)
+
+
+def _codes(model, n, device, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.options, (n, model.num_stages), generator=gen).to(device)
+
+
+def _run_measure(measure, model, reference, settings, device, impl_is_reference):
+    """A callable running one measure with one implementation (for timing and memory)."""
+    target = reference if impl_is_reference else model
+    if measure in ("train", "train_ckpt"):
+        x = target.normalize(_images(settings["dataset"], settings["train_batch"], device))
+        optimizer = make_optimizer(target)
+        target.train()
+        ckpt = measure == "train_ckpt"
+        return lambda: train_step(target, optimizer, x, impl_is_reference, ckpt), optimizer
+    target.eval()
+    if measure == "encode":
+        x = target.normalize(_images(settings["dataset"], settings["batch"], device))
+        if impl_is_reference:
+            return lambda: reference_encode(target, x), None
+        return lambda: target.encode(x), None
+    codes = _codes(target, settings["batch"], device)
+    if impl_is_reference:
+        return lambda: reference_decode(target, codes), None
+    return lambda: target.decode(codes), None
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def _rss_mb(field="VmRSS"):
+    """The current (VmRSS) or peak (VmHWM) resident set size in MB, from Linux /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss():
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory_here(spec):
+    """Peak memory of one measure run once in this process (call in a fresh process).
+
+    :param spec: dict with dataset, options, stages, segment, measure, impl ("reference" or
+                 "optimized"), train_batch, batch, device, channels_last, threads.
+    :return: dict with "peak_mb" (the process's peak RSS, or CUDA max allocated) and
+             "working_mb" (the peak above what was held before the run: the model, its
+             gradients, Adam's state and the inputs, and on the CPU the Python runtime).
+    """
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    is_ref = spec["impl"] == "reference"
+    model, reference = build_models(spec["dataset"], spec["options"], spec["stages"], spec["segment"],
+                                    device, channels_last=spec["channels_last"],
+                                    which=(spec["impl"],))
+    fn, optimizer = _run_measure(spec["measure"], model, reference, spec, device, is_ref)
+    if optimizer is not None:
+        # Allocate gradients and Adam's state up front (a zero step leaves the weights as
+        # they are), so that "working" memory is what the step itself needs.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_mb": peak / 2 ** 20, "working_mb": (peak - before) / 2 ** 20}
+    if not _reset_peak_rss():
+        raise OSError("cannot reset the peak RSS (/proc/self/clear_refs); memory is measured on Linux")
+    before = _rss_mb()
+    fn()
+    peak = _rss_mb("VmHWM")
+    return {"peak_mb": peak, "working_mb": peak - before}
+
+
+def measure_memory(spec, timeout=3600):
+    """``measure_memory_here(spec)`` in a fresh subprocess, so that its peak RSS is clean."""
+    cmd = [sys.executable, "-m", "vq_draw.bench", "--memory-child", json.dumps(spec)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if out.returncode != 0:
+        lines = (out.stderr.strip() or "no output").splitlines()
+        raise RuntimeError(f"memory measurement {spec['measure']}/{spec['impl']} failed: {lines[-1]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
+def settings_for(dataset, device, quick=False, stages=None, options=None, batch=None):
+    kind = "quick" if quick else ("cuda" if torch.device(device).type == "cuda" else "cpu")
+    s = dict(SETTINGS[kind][dataset], dataset=dataset, options=4 if quick else 64)
+    if stages is not None:
+        s["stages"], s["segment"] = stages, (min(stages, DATASETS[dataset]["segment"])
+                                             if DATASETS[dataset]["segment"] else None)
+    if options is not None:
+        s["options"] = options
+    if batch is not None:
+        s["batch"] = batch
+    s["stages_run"] = s["stages"] or DATASETS[dataset]["stages"]
+    return s
+
+
+def bench_architecture(dataset, device="cpu", repeats=3, quick=False, memory=True, stages=None,
+                       options=None, batch=None, channels_last=True, measures=MEASURES, clock="wall",
+                       log=print):
+    """Time (and measure memory of) every measure for one architecture.
+
+    :return: (settings dict, list of result dicts, agreement dict).
+    """
+    s = settings_for(dataset, device, quick, stages, options, batch)
+    model, reference = build_models(dataset, s["options"], s["stages"], s["segment"], device,
+                                    channels_last=channels_last)
+    x = model.normalize(_images(dataset, min(4, s["train_batch"]), device))
+    agreement = check_agreement(model, reference, x)
+    log(f"{dataset}: agreement with the reference {agreement}")
+    results = []
+    for measure in measures:
+        opt_fn, _ = _run_measure(measure, model, reference, s, device, False)
+        ref_fn, _ = _run_measure(measure, model, reference, s, device, True)
+        ref_time, opt_time = timed([ref_fn, opt_fn], repeats, device, clock)
+        batch = s["train_batch"] if measure.startswith("train") else s["batch"]
+        row = {"dataset": dataset, "measure": measure, "batch": batch, "stages": s["stages_run"],
+               "options": s["options"], "reference_s": ref_time, "optimized_s": opt_time,
+               "ratio": ref_time / opt_time}
+        if not measure.startswith("train"):
+            row["reference_images_per_s"] = batch / ref_time
+            row["optimized_images_per_s"] = batch / opt_time
+        if memory:
+            for impl in ("reference", "optimized"):
+                spec = dict(s, measure=measure, impl=impl, device=str(device),
+                            channels_last=channels_last, threads=torch.get_num_threads())
+                mem = measure_memory(spec)
+                row[f"{impl}_peak_mb"] = mem["peak_mb"]
+                row[f"{impl}_working_mb"] = mem["working_mb"]
+        results.append(row)
+        log(format_row(row))
+    return s, results, agreement
+
+
+def format_row(row):
+    unit = "s/step" if row["measure"].startswith("train") else "img/s"
+    if unit == "img/s":
+        ref, opt = f"{row['reference_images_per_s']:.1f}", f"{row['optimized_images_per_s']:.1f}"
+    else:
+        ref, opt = f"{row['reference_s']:.3f}", f"{row['optimized_s']:.3f}"
+    text = (f"{row['dataset']:8s} {row['measure']:10s} {row['stages']:6d} {row['batch']:6d} "
+            f"{ref:>10s} {opt:>10s} {unit:6s} {row['ratio']:6.2f}x")
+    if "reference_peak_mb" in row:
+        text += (f" {row['reference_peak_mb']:9.0f} {row['optimized_peak_mb']:9.0f}"
+                 f" {row['reference_working_mb']:9.0f} {row['optimized_working_mb']:9.0f}")
+    return text
+
+
+HEADER = (f"{'dataset':8s} {'measure':10s} {'stages':>6s} {'batch':>6s} {'reference':>10s} "
+          f"{'optimized':>10s} {'unit':6s} {'ratio':>7s}")
+MEMORY_HEADER = f" {'ref peak':>9s} {'opt peak':>9s} {'ref work':>9s} {'opt work':>9s} (MB)"
+
+
+def describe_device(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, " \
+           f"{torch.get_num_threads()} torch threads"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Time training, encoding and decoding against a "
+                                                 "straightforward reference of the same math.")
+    parser.add_argument("--datasets", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
+    parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=MEASURES)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (best is kept)")
+    parser.add_argument("--stages", type=int, default=None,
+                        help="stages for every architecture (default: per device, see SETTINGS)")
+    parser.add_argument("--options", type=int, default=None, help="K (default 64; 4 with --quick)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="encode/decode batch for every architecture (default: per device)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test in seconds")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory measurements (one subprocess each on the CPU)")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: time by this process's CPU time, robust on a CPU shared with other "
+                             "jobs (use with --threads 1); always wall on a GPU")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(measure_memory_here(json.loads(args.memory_child))))
+        return
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.stages is not None and args.stages < 1:
+        parser.error(f"--stages must be at least 1, got {args.stages}")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.options is not None and args.options < 2:
+        parser.error(f"--options must be at least 2, got {args.options}")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            sys.exit("error: --device cuda but no CUDA GPU is available; use --device cpu")
+        torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = "wall" if args.device.startswith("cuda") else args.clock
+    info = {"clock": clock, "date": datetime.date.today().isoformat(), "device": describe_device(args.device),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "quick": args.quick, "channels_last": args.channels_last, "command": " ".join(sys.argv)}
+    if hasattr(os, "getloadavg"):
+        info["load_average_start"] = os.getloadavg()
+    print(f"vq_draw.bench on {info['device']}, torch {info['torch']}; ratio = reference time / "
+          f"optimized time; best of {args.repeats}, {clock} clock")
+    print(HEADER + (MEMORY_HEADER if args.memory else ""))
+    results, settings, agreement = [], {}, {}
+    for dataset in args.datasets:
+        s, rows, agree = bench_architecture(dataset, args.device, args.repeats, args.quick, args.memory,
+                                            args.stages, args.options, args.batch, args.channels_last,
+                                            args.measures, clock,
+                                            log=lambda line: print(line, flush=True))
+        settings[dataset], agreement[dataset] = s, agree
+        results.extend(rows)
+    if hasattr(os, "getloadavg"):
+        info["load_average_end"] = os.getloadavg()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "settings": settings, "agreement": agreement, "results": results},
+                      f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
