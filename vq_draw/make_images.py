@@ -16,6 +16,8 @@ re-running after the model changes replaces the figures like for like.
 table printed, JSON written to ``OUT/mnist_eval.json``), and ``--notebooks``
 re-executes ``mnist_demo.ipynb`` and ``mnist_classify.ipynb`` in place (with the
 same model and data), so that one command refreshes everything the README shows.
+The notebooks also read ``VQ_DRAW_DIGITS`` / ``VQ_DRAW_QUICK`` from the environment
+(a subset of the digits for the classifier notebook).
 """
 
 import argparse
