@@ -49,19 +49,7 @@ def evaluate(model, images, batch_size=500, device=None, progress=False):
         count += len(batch)
     model.train(was_training)
     codes = torch.cat(all_codes)
-    entropy, used = code_usage(codes, model.options)
-    mse = (sq_norm / count).tolist()
-    mse_pixels = (sq_pix / count).tolist()
-    return {
-        "count": count,
-        "mse": mse,
-        "mse_pixels": mse_pixels,
-        "psnr": [10 * math.log10(1 / m) if m > 0 else float("inf") for m in mse_pixels],
-        "entropy": entropy.tolist(),
-        "options_used": used.tolist(),
-        "final_mse": mse[-1],
-        "codes": codes,
-    }
+    return _result(count, (sq_norm / count).tolist(), (sq_pix / count).tolist(), codes, model.options)
 
 
 def merge_results(parts, options):
@@ -78,8 +66,12 @@ def merge_results(parts, options):
         return [sum(p[key][s] * p["count"] for p in parts) / count for s in range(len(parts[0][key]))]
 
     codes = torch.cat([p["codes"] for p in parts])
+    return _result(count, mean("mse"), mean("mse_pixels"), codes, options)
+
+
+def _result(count, mse, mse_pixels, codes, options):
+    """The result dict of ``evaluate`` from per-stage MSEs and all the codes [N x S]."""
     entropy, used = code_usage(codes, options)
-    mse, mse_pixels = mean("mse"), mean("mse_pixels")
     return {
         "count": count,
         "mse": mse,
