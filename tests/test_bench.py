@@ -162,3 +162,14 @@ def test_bench_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_loop_overhead_times_every_part():
+    result = bench.loop_overhead("mnist", steps=3, batch_size=4, options=4, stages=2, log_interval=2,
+                                 save_interval=3, eval_interval=3, eval_size=8)
+    for key in ("step", "data", "log", "eval", "save"):
+        assert result[key] > 0, key
+    # log every 2, eval and save every 3 steps: the amortized loop time over the step time
+    expected = (result["data"] + result["log"] / 2 + result["eval"] / 3 + result["save"] / 3
+                + result["other"]) / result["step"]
+    assert result["overhead"] == pytest.approx(expected)

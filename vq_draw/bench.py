@@ -424,6 +424,115 @@ def bench_architecture(dataset, device="cpu", repeats=3, quick=False, memory=Tru
     return s, results, agreement
 
 
+# ---------------------------------------------------------------------- the loop and memory tables
+
+
+def loop_overhead(dataset="mnist", data_dir=None, steps=20, batch_size=32, log_interval=50,
+                  save_interval=250, eval_interval=1000, eval_size=1000, options=64, stages=None,
+                  device="cpu", seed=0):
+    """The training loop's work around the step, amortized at the given intervals.
+
+    Runs ``TrainLoop`` for ``steps`` steps (the last one logs, evaluates ``eval_size`` test
+    images and saves, as the end of a run does) and times each part: fetching the batch,
+    the step itself, a log line, an evaluation and a save (checkpoint, images, loss plot).
+    Data from ``data_dir`` (``data.load_dataset``), or random uint8 images when None.
+
+    :return: dict of seconds ("step", "data" per step; "log", "eval", "save" per event;
+             "other" per step) and "overhead", the loop's amortized time per step over the
+             step time.
+    """
+    import tempfile
+
+    from .data import ArrayDataset, load_dataset
+    from .train import TrainLoop
+
+    if data_dir is None:
+        gen = torch.Generator().manual_seed(seed)
+        shape = DATASETS[dataset]["shape"]
+        train = ArrayDataset(torch.randint(0, 256, (4096, *shape), dtype=torch.uint8, generator=gen))
+        test = ArrayDataset(torch.randint(0, 256, (max(eval_size, 1), *shape), dtype=torch.uint8,
+                                          generator=gen))
+    else:
+        train, test = load_dataset(dataset, "train", data_dir), load_dataset(dataset, "test", data_dir)
+    torch.manual_seed(seed)
+    model = create_model(dataset, options=options, stages=stages,
+                         segment=None if stages is None or DATASETS[dataset]["segment"] is None
+                         else min(stages, DATASETS[dataset]["segment"]))
+    spent = {"data": 0.0, "update": 0.0, "log": 0.0, "eval": 0.0, "save": 0.0}
+    counts = dict.fromkeys(spent, 0)
+
+    def timer(name, fn):
+        def wrapped(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+                counts[name] += 1
+        return wrapped
+
+    class TimedBatches:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __next__(self):
+            start = time.perf_counter()
+            try:
+                return next(self.batches)
+            finally:
+                spent["data"] += time.perf_counter() - start
+                counts["data"] += 1
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        loop = TrainLoop(model=model, train_data=train, test_data=test, run_dir=run_dir,
+                         batch_size=batch_size, step_limit=steps, save_interval=save_interval,
+                         eval_interval=eval_interval, eval_size=eval_size, log_interval=log_interval,
+                         device=device, seed=seed, final_eval=False, quiet=True, progress=False)
+        update = timer("update", loop._update)
+        loop._update = lambda batches: update(TimedBatches(batches))
+        loop._log_line = timer("log", loop._log_line)
+        loop._evaluate = timer("eval", loop._evaluate)
+        loop.save = timer("save", loop.save)
+        start = time.perf_counter()
+        loop.run()
+        total = time.perf_counter() - start
+    step = (spent["update"] - spent["data"]) / steps
+    per_event = {k: spent[k] / max(counts[k], 1) for k in ("log", "eval", "save")}
+    other = (total - sum(spent[k] for k in ("update", "log", "eval", "save"))) / steps
+    amortized = (spent["data"] / steps + per_event["log"] / log_interval + per_event["eval"] / eval_interval
+                 + per_event["save"] / save_interval + other)
+    return {"step": step, "data": spent["data"] / steps, **per_event, "other": other,
+            "overhead": amortized / step, "steps": steps, "batch_size": batch_size,
+            "intervals": dict(log=log_interval, save=save_interval, eval=eval_interval,
+                              eval_size=eval_size), "data_dir": data_dir}
+
+
+def memory_table(dataset="cifar10", stages_list=(10, 25, 100), batch_size=32, device="cpu",
+                 threads=None, options=64, checkpointing=(False, True), log=print):
+    """Peak memory of one optimized training step at each stage count, with and without
+    gradient checkpointing (a fresh subprocess per measurement on the CPU).
+
+    :return: list of dicts with stages, grad_checkpoint, peak_mb, working_mb and seconds.
+    """
+    rows = []
+    for stages in stages_list:
+        for ckpt in checkpointing:
+            measure = "train_ckpt" if ckpt else "train"
+            s = settings_for(dataset, device, stages=stages, options=options)
+            spec = dict(s, train_batch=batch_size, measure=measure, impl="optimized", device=str(device),
+                        channels_last=True, threads=threads or torch.get_num_threads())
+            start = time.perf_counter()
+            mem = measure_memory(spec, timeout=24 * 3600)
+            row = {"dataset": dataset, "stages": stages, "segment": s["segment"], "batch": batch_size,
+                   "grad_checkpoint": measure == "train_ckpt", **mem,
+                   "seconds": time.perf_counter() - start}
+            log(f"{dataset} stages {stages:4d} batch {batch_size} checkpointing "
+                f"{'on ' if row['grad_checkpoint'] else 'off'} peak {mem['peak_mb']:8.0f} MB "
+                f"working {mem['working_mb']:8.0f} MB ({row['seconds']:.0f} s)")
+            rows.append(row)
+    return rows
+
+
 def format_row(row):
     unit = "s/step" if row["measure"].startswith("train") else "img/s"
     if unit == "img/s":
@@ -471,6 +580,16 @@ def main(argv=None):
                         help="cpu: time by this process's CPU time, robust on a CPU shared with other "
                              "jobs (use with --threads 1); always wall on a GPU")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--loop", action="store_true",
+                        help="instead: time the training loop around the step (MNIST-style run)")
+    parser.add_argument("--loop-steps", type=int, default=20)
+    parser.add_argument("--data-dir", default=None, help="real data for --loop (default: random)")
+    parser.add_argument("--memory-table", nargs="+", type=int, default=None, metavar="STAGES",
+                        help="instead: peak memory of one training step of the first --datasets "
+                             "entry at these stage counts, with and without checkpointing")
+    parser.add_argument("--train-batch", type=int, default=32, help="batch for --memory-table")
+    parser.add_argument("--checkpointing", choices=("both", "on", "off"), default="both",
+                        help="--memory-table with, without or with and without checkpointing")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -496,6 +615,28 @@ def main(argv=None):
             "quick": args.quick, "channels_last": args.channels_last, "command": " ".join(sys.argv)}
     if hasattr(os, "getloadavg"):
         info["load_average_start"] = os.getloadavg()
+    if args.loop:
+        dataset = args.datasets[0]
+        result = loop_overhead(dataset, args.data_dir, args.loop_steps, options=args.options or 64,
+                               stages=args.stages, device=args.device)
+        print(f"training loop around the step, {dataset}, batch {result['batch_size']}, "
+              f"{result['steps']} steps on {info['device']}:")
+        print(f"  step {result['step']:.3f} s; per step: data {result['data'] * 1e3:.2f} ms, other "
+              f"{result['other'] * 1e3:.2f} ms; per event: log {result['log'] * 1e3:.1f} ms, eval "
+              f"({result['intervals']['eval_size']} images) {result['eval']:.2f} s, save "
+              f"{result['save']:.2f} s")
+        iv = result["intervals"]
+        print(f"  amortized (log every {iv['log']}, eval every {iv['eval']}, save every {iv['save']} "
+              f"steps): {100 * result['overhead']:.2f} % of the step time")
+        _write_json(args.json, {"info": info, "loop": result})
+        return
+    if args.memory_table:
+        dataset = args.datasets[0]
+        modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
+        rows = memory_table(dataset, args.memory_table, args.train_batch, args.device, args.threads,
+                            args.options or 64, modes, log=lambda line: print(line, flush=True))
+        _write_json(args.json, {"info": info, "memory_table": rows})
+        return
     print(f"vq_draw.bench on {info['device']}, torch {info['torch']}; ratio = reference time / "
           f"optimized time; best of {args.repeats}, {clock} clock")
     print(HEADER + (MEMORY_HEADER if args.memory else ""))
@@ -509,11 +650,15 @@ def main(argv=None):
         results.extend(rows)
     if hasattr(os, "getloadavg"):
         info["load_average_end"] = os.getloadavg()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "settings": settings, "agreement": agreement, "results": results},
-                      f, indent=2)
-        print(f"wrote {args.json}")
+    _write_json(args.json, {"info": info, "settings": settings, "agreement": agreement,
+                            "results": results})
+
+
+def _write_json(path, data):
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
