@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vq_draw import bench
-from vq_draw.losses import mse_loss, mse_options
+from vq_draw.losses import mse_loss, mse_options, mse_options_pick, mse_shared_options
 from vq_draw.nn import OptionConv
 
 TINY = dict(options=4, stages=3)
@@ -48,6 +48,51 @@ def test_mse_options_matches_broadcast_mse_and_gradcheck(channels, channels_last
         assert torch.autograd.gradcheck(mse_options, (residual, deltas, scale))
     grad = torch.autograd.grad(mse_options(residual, deltas, scale).sum(), deltas)[0]
     assert grad.stride() == deltas.stride()  # the last convolution gets its own layout back
+
+
+def test_mse_shared_options_matches_broadcast_mse_and_gradcheck():
+    torch.manual_seed(2)
+    residual = torch.randn(5, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    shared = torch.randn(6, 2, 3, 4, dtype=torch.float64, requires_grad=True)  # K = 6
+    expected = mse_loss(residual.unsqueeze(1) + shared, torch.zeros_like(residual))
+    torch.testing.assert_close(mse_shared_options(residual, shared), expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(mse_shared_options, (residual, shared))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mse_options_pick_equals_losses_then_indexing(channels_last):
+    """The fused node gives the values and gradients of mse_options followed by indexing."""
+    torch.manual_seed(1)
+    n, k, shape = 5, 4, (2, 3, 4)
+    residual = torch.randn(n, *shape, dtype=torch.float64, requires_grad=True)
+    out = torch.randn(n, k * shape[0], *shape[1:], dtype=torch.float64)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    deltas = out.view(n, k, *shape).detach().requires_grad_(True)
+    scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(n, *shape, dtype=torch.float64)  # a downstream use of the chosen deltas
+
+    def choose(losses):
+        return (losses.argmin(1) + torch.arange(len(losses))) % k  # not only the best
+
+    losses, choices, chosen = mse_options_pick(residual, deltas, scale, choose)
+    ref_losses = mse_options(residual, deltas, scale)
+    ref_choices = choose(ref_losses.detach())
+    ref_chosen = deltas[torch.arange(n), ref_choices]
+    assert torch.equal(choices, ref_choices) and torch.equal(chosen, ref_chosen)
+    torch.testing.assert_close(losses, ref_losses, rtol=0, atol=0)
+    inputs = (residual, deltas, scale)
+    grads = torch.autograd.grad(losses.sum() + 0.7 * losses[:, 1].sum() + (chosen * weights).sum(), inputs)
+    ref = torch.autograd.grad(ref_losses.sum() + 0.7 * ref_losses[:, 1].sum() + (ref_chosen * weights).sum(),
+                              inputs)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert grads[1].stride() == deltas.stride()
+    # Only the chosen deltas used (no gradient reaches the losses):
+    grad = torch.autograd.grad((mse_options_pick(residual, deltas, scale, choose)[2] * weights).sum(),
+                               deltas)[0]
+    ref_chosen = deltas[torch.arange(n), ref_choices]
+    torch.testing.assert_close(grad, torch.autograd.grad((ref_chosen * weights).sum(), deltas)[0])
 
 
 @pytest.mark.parametrize("kernel,channels,per_stage,size", [(3, 1, False, (28, 28)), (5, 3, False, (9, 7)),

@@ -39,7 +39,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .config import DATASETS, create_model
+from .config import DATASETS, create_model, load_model
+from .data import load_dataset
 from .nn import MaskedConv
 
 ARCHITECTURES = ("mnist", "svhn", "cifar10", "celeba")
@@ -157,15 +158,23 @@ def reference_decode(model, codes):
 
 
 def build_models(dataset, options=64, stages=None, segment=None, device="cpu", seed=0,
-                 channels_last=True, which=("optimized", "reference")):
+                 channels_last=True, which=("optimized", "reference"), checkpoint=None):
     """(optimized, reference): two copies of one freshly initialized model, same weights.
+
+    With ``checkpoint`` (a path) both start from its trained weights instead; its
+    architecture wins over ``options``, ``stages`` and ``segment``.
 
     The reference applies its masks unfolded and runs in the default NCHW layout; the
     optimized copy runs its activations in channels_last when ``channels_last``. A copy
     not named in ``which`` is None.
     """
     torch.manual_seed(seed)
-    model = create_model(dataset, options=options, stages=stages, segment=segment)
+    if checkpoint:
+        model = load_model(checkpoint).train()
+        if model.config.get("dataset") != dataset:
+            raise ValueError(f"{checkpoint} is a {model.config.get('dataset')} model, not {dataset}")
+    else:
+        model = create_model(dataset, options=options, stages=stages, segment=segment)
     reference = None
     if "reference" in which:
         reference = model if "optimized" not in which else copy.deepcopy(model)
@@ -265,7 +274,21 @@ def timed(fns, repeats, device, clock="wall"):
     return best
 
 
-def _images(dataset, n, device, seed=1):
+_TEST_SETS = {}
+
+
+def _images(dataset, n, device, seed=1, data_dir=None):
+    """n images [n x C x H x W] in [0, 1]: uniform noise, or the first n test images of
+    ``data_dir`` (repeated when the test set is smaller)."""
+    if data_dir:
+        key = (dataset, data_dir)
+        if key not in _TEST_SETS:
+            _TEST_SETS[key] = load_dataset(dataset, "test", data_dir, download=False)
+        images = _TEST_SETS[key]
+        index = torch.arange(n) % len(images)
+        batch = images.batch(index) if hasattr(images, "batch") else \
+            torch.stack([images[int(i)][0] for i in index])
+        return batch.to(device)
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, *DATASETS[dataset]["shape"], generator=gen).to(device)
 
@@ -279,14 +302,16 @@ def _run_measure(measure, model, reference, settings, device, impl_is_reference)
     """A callable running one measure with one implementation (for timing and memory)."""
     target = reference if impl_is_reference else model
     if measure in ("train", "train_ckpt"):
-        x = target.normalize(_images(settings["dataset"], settings["train_batch"], device))
+        x = target.normalize(_images(settings["dataset"], settings["train_batch"], device,
+                                     data_dir=settings.get("data_dir")))
         optimizer = make_optimizer(target)
         target.train()
         ckpt = measure == "train_ckpt"
         return lambda: train_step(target, optimizer, x, impl_is_reference, ckpt), optimizer
     target.eval()
     if measure == "encode":
-        x = target.normalize(_images(settings["dataset"], settings["batch"], device))
+        x = target.normalize(_images(settings["dataset"], settings["batch"], device,
+                                     data_dir=settings.get("data_dir")))
         if impl_is_reference:
             return lambda: reference_encode(target, x), None
         return lambda: target.encode(x), None
@@ -333,6 +358,7 @@ def measure_memory_here(spec):
     is_ref = spec["impl"] == "reference"
     model, reference = build_models(spec["dataset"], spec["options"], spec["stages"], spec["segment"],
                                     device, channels_last=spec["channels_last"],
+                                    checkpoint=spec.get("checkpoint"),
                                     which=(spec["impl"],))
     fn, optimizer = _run_measure(spec["measure"], model, reference, spec, device, is_ref)
     if optimizer is not None:
@@ -373,9 +399,15 @@ def measure_memory(spec, timeout=3600):
 # ---------------------------------------------------------------------- the benchmark
 
 
-def settings_for(dataset, device, quick=False, stages=None, options=None, batch=None):
+def settings_for(dataset, device, quick=False, stages=None, options=None, batch=None,
+                 checkpoint=None, data_dir=None):
     kind = "quick" if quick else ("cuda" if torch.device(device).type == "cuda" else "cpu")
-    s = dict(SETTINGS[kind][dataset], dataset=dataset, options=4 if quick else 64)
+    s = dict(SETTINGS[kind][dataset], dataset=dataset, options=4 if quick else 64,
+             checkpoint=checkpoint, data_dir=data_dir)
+    if checkpoint:
+        config = load_model(checkpoint).config
+        stages, options = config["stages"], config["options"]
+        s["segment"] = config.get("segment")
     if stages is not None:
         s["stages"], s["segment"] = stages, (min(stages, DATASETS[dataset]["segment"])
                                              if DATASETS[dataset]["segment"] else None)
@@ -389,16 +421,25 @@ def settings_for(dataset, device, quick=False, stages=None, options=None, batch=
 
 def bench_architecture(dataset, device="cpu", repeats=3, quick=False, memory=True, stages=None,
                        options=None, batch=None, channels_last=True, measures=MEASURES, clock="wall",
-                       log=print):
+                       log=print, checkpoint=None, data_dir=None):
     """Time (and measure memory of) every measure for one architecture.
 
+    :param checkpoint: start both implementations from these trained weights.
+    :param data_dir: time on real test images instead of noise.
     :return: (settings dict, list of result dicts, agreement dict).
     """
-    s = settings_for(dataset, device, quick, stages, options, batch)
+    s = settings_for(dataset, device, quick, stages, options, batch, checkpoint, data_dir)
     model, reference = build_models(dataset, s["options"], s["stages"], s["segment"], device,
-                                    channels_last=channels_last)
-    x = model.normalize(_images(dataset, min(4, s["train_batch"]), device))
+                                    channels_last=channels_last, checkpoint=checkpoint)
+    x = model.normalize(_images(dataset, min(4, s["train_batch"]), device, data_dir=data_dir))
     agreement = check_agreement(model, reference, x)
+    # The training step runs stage 1 once per distinct first choice (as the encoder does), so
+    # its time depends on how spread the choices are: noise on a fresh model picks one option.
+    train_x = model.normalize(_images(dataset, s["train_batch"], device, data_dir=data_dir))
+    with torch.no_grad():
+        first = model.eval().encode(train_x, 1)[:, 0]
+    model.train()
+    agreement["distinct_first_choices"] = f"{first.unique().numel()}/{len(first)}"
     log(f"{dataset}: agreement with the reference {agreement}")
     results = []
     for measure in measures:
@@ -583,7 +624,11 @@ def main(argv=None):
     parser.add_argument("--loop", action="store_true",
                         help="instead: time the training loop around the step (MNIST-style run)")
     parser.add_argument("--loop-steps", type=int, default=20)
-    parser.add_argument("--data-dir", default=None, help="real data for --loop (default: random)")
+    parser.add_argument("--data-dir", default=None,
+                        help="time on real test images from here (default: uniform noise)")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
+                        help="start the benchmark of this checkpoint's dataset from its trained "
+                             "weights (repeatable; e.g. pretrained/mnist_model.pt)")
     parser.add_argument("--memory-table", nargs="+", type=int, default=None, metavar="STAGES",
                         help="instead: peak memory of one training step of the first --datasets "
                              "entry at these stage counts, with and without checkpointing")
@@ -610,6 +655,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = "wall" if args.device.startswith("cuda") else args.clock
+    checkpoints = {}
+    for path in args.checkpoint:
+        try:
+            checkpoints[load_model(path).config["dataset"]] = path
+        except Exception as exc:  # a missing or foreign file: one line, as everywhere else
+            sys.exit(f"error: --checkpoint {path}: {exc}")
     info = {"clock": clock, "date": datetime.date.today().isoformat(), "device": describe_device(args.device),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,
             "quick": args.quick, "channels_last": args.channels_last, "command": " ".join(sys.argv)}
@@ -645,7 +696,9 @@ def main(argv=None):
         s, rows, agree = bench_architecture(dataset, args.device, args.repeats, args.quick, args.memory,
                                             args.stages, args.options, args.batch, args.channels_last,
                                             args.measures, clock,
-                                            log=lambda line: print(line, flush=True))
+                                            log=lambda line: print(line, flush=True),
+                                            checkpoint=checkpoints.get(dataset),
+                                            data_dir=args.data_dir)
         settings[dataset], agreement[dataset] = s, agree
         results.extend(rows)
     if hasattr(os, "getloadavg"):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .losses import LOSSES, mse_options
+from .losses import LOSSES, mse_options, mse_options_pick, mse_shared_options
 
 
 class VQDraw(nn.Module):
@@ -99,19 +99,35 @@ class VQDraw(nn.Module):
             out = out + self.stage0_bias
         return out
 
-    def _option_losses(self, recon, deltas, stage, target):
+    def _option_losses(self, recon, deltas, stage, target, choose=None):
         """The loss of every proposal, [N x K], in at least float32 (also under autocast), so
         that the choices do not depend on the precision of the network.
 
         MSE after stage 0 skips materializing the proposals (``losses.mse_options``).
+        With ``choose`` (losses [N x K] -> choices [N]) it returns (losses, choices,
+        chosen deltas [N x *shape]), for training.
         """
         with torch.autocast(recon.device.type, enabled=False):
             # Half-precision outputs are widened; a float64 model stays in float64.
             dtype = torch.promote_types(target.dtype, torch.float32)
             deltas, recon, target = deltas.to(dtype), recon.to(dtype), target.to(dtype)
             if self.loss_name == "mse" and stage > 0:
+                if choose is not None:
+                    return mse_options_pick(recon - target, deltas, self.output_scale, choose)
                 return mse_options(recon - target, deltas, self.output_scale)
-            return self.loss_fn(self._proposals(recon, deltas, stage), target)
+            if self.loss_name == "mse":
+                # Stage 0: every image starts from zeros, so all rows of deltas are the same
+                # K options and the proposals differ from the reconstruction by a shared change.
+                shared = self.output_scale * deltas[0] + self.stage0_bias.to(dtype)
+                losses = mse_shared_options(recon - target, shared)
+            else:
+                losses = self.loss_fn(self._proposals(recon, deltas, stage), target)
+            if choose is None:
+                return losses
+            choices = choose(losses.detach())
+            # Only the chosen proposal is formed; its values equal proposals[i, choices[i]].
+            delta = deltas[0, choices] if stage == 0 else _PickOption.apply(deltas, choices)
+            return losses, choices, delta
 
     def _distinct_features(self, recon, stage, first_choices):
         """Refiner features for the distinct inputs of a stage (inference).
@@ -143,32 +159,43 @@ class VQDraw(nn.Module):
             features = features[inverse]
         return self.refiner.options(features, stage, choices)
 
-    def _train_stage(self, recon, target, stage):
-        """One stage with gradients: returns (next recon, choices [N], losses [N x K])."""
+    def _train_stage(self, recon, target, stage, first_choices=None):
+        """One stage with gradients: returns (next recon, choices [N], losses [N x K]).
+
+        :param first_choices: [N] the stage-0 choices, which let stage 1 run the refiner once
+                              per distinct input (see ``_distinct_features``).
+        """
         if stage > 0 and self.grad_decay:
             # Same value, gradient into earlier stages scaled by (1 - grad_decay).
             recon = recon.detach() + (1 - self.grad_decay) * (recon - recon.detach())
+        # As in encode: the refiner runs on the distinct inputs only (one image at stage 0,
+        # one per distinct first choice at stage 1); the gradients of the images that share
+        # an input add up, as they would if each image had run the refiner itself.
+        features, inverse = self._distinct_features(recon, stage, first_choices)
+        deltas = self.refiner.options(features, stage)
         if stage == 0:
-            # Every image enters stage 0 as zeros: the refiner runs on one image and all
-            # share its K options (their gradients add up over the batch, as they would).
-            shared = self.refiner.options(self.refiner.features(self._layout(recon[:1]), 0), 0)
-            deltas = shared.expand(len(recon), *shared.shape[1:])
-        else:
-            deltas = self.refiner.options(self.refiner.features(self._layout(recon), stage), stage)
-        losses = self._option_losses(recon, deltas, stage, target)
-        choices = losses.detach().argmin(1)
+            deltas = deltas.expand(len(recon), *deltas.shape[1:])
+        elif inverse is not None:
+            deltas = deltas[inverse]
+        losses, choices, delta = self._option_losses(recon, deltas, stage, target, self._choose)
+        return self._next(recon, delta, stage, choices), choices, losses
+
+    def _choose(self, losses):
+        """Losses [N x K] -> choices [N]: the best option, or with probability ``epsilon`` while
+        training a random one."""
+        choices = losses.argmin(1)
         if self.training and self.epsilon > 0:
             explore = torch.rand(choices.shape, device=choices.device) < self.epsilon
             random = torch.randint(0, self.options, choices.shape, device=choices.device)
             choices = torch.where(explore, random, choices)
-        # Only the chosen proposal is formed; its values equal proposals[i, choices[i]].
-        delta = shared[0, choices] if stage == 0 else _PickOption.apply(deltas, choices)
-        return self._next(recon, delta, stage, choices), choices, losses
+        return choices
 
-    def _train_chunk(self, recon, target, start, stop):
+    def _train_chunk(self, recon, target, start, stop, first_choices=None):
         codes, losses = [], []
         for stage in range(start, stop):
-            recon, choices, stage_losses = self._train_stage(recon, target, stage)
+            recon, choices, stage_losses = self._train_stage(recon, target, stage, first_choices)
+            if stage == 0:
+                first_choices = choices
             codes.append(choices)
             losses.append(stage_losses)
         return recon, torch.stack(codes, 1), torch.stack(losses, 1)
@@ -187,8 +214,10 @@ class VQDraw(nn.Module):
             chunk = max(1, round(math.sqrt(self.num_stages)))
         for start in range(0, self.num_stages, chunk):
             stop = min(start + chunk, self.num_stages)
+            first_choices = codes[0][:, 0] if codes else None
             if chunk < self.num_stages:
-                recon, c, l = checkpoint(self._train_chunk, recon, x, start, stop, use_reentrant=False)
+                recon, c, l = checkpoint(self._train_chunk, recon, x, start, stop, first_choices,
+                                         use_reentrant=False)
             else:
                 recon, c, l = self._train_chunk(recon, x, start, stop)
             codes.append(c)

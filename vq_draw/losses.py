@@ -17,6 +17,20 @@ def mse_loss(proposals, targets):
 LOSSES = {"mse": mse_loss}
 
 
+def mse_shared_options(residual, proposals):
+    """``mse_loss`` when all samples share the same K proposed changes (stage 0).
+
+    The loss of sample n and option k is ||e_n + q_k||^2 / D with e = residual ([N x *shape])
+    and q = proposals ([K x *shape]): ||e_n||^2 + 2 e_n . q_k + ||q_k||^2, one [N x D] @
+    [D x K] product instead of an [N x K x D] grid of proposals.
+
+    :return: [N x K] losses.
+    """
+    e, q = residual.flatten(1), proposals.flatten(1)
+    cross = e @ q.t()
+    return (e.pow(2).sum(1, keepdim=True) + 2 * cross + q.pow(2).sum(1)) / e.shape[1]
+
+
 def mse_options(residual, deltas, scale):
     """``mse_loss`` of the proposals ``recon + scale * deltas`` without materializing them.
 
@@ -67,10 +81,50 @@ class _OptionMSE(torch.autograd.Function):
             grad_residual = residual * grad.sum(1).view((n,) + (1,) * (residual.dim() - 1)) \
                 + scale * weighted
         if ctx.needs_input_grad[1]:
-            # g_k s (e + s f_k), computed in place in the layout of deltas.
-            grad_deltas = deltas * scale
-            grad_deltas += residual.unsqueeze(1)
-            grad_deltas *= (grad * scale).view(expand)
+            grad_deltas = _grad_deltas(residual, deltas, scale, grad)
         if ctx.needs_input_grad[2]:
             grad_scale = (grad * (cross + scale * norms)).sum()
         return grad_residual, grad_deltas, grad_scale
+
+
+def _grad_deltas(residual, deltas, scale, grad):
+    """g_k s (e + s f_k) = (g_k s^2) f_k + (g_k s) e: two passes over [N x K x *shape], in the
+    memory layout of ``deltas`` (channels_last from the last convolution)."""
+    expand = grad.shape + (1,) * (deltas.dim() - 2)
+    grad_deltas = deltas * (grad * scale.pow(2)).view(expand)
+    return grad_deltas.addcmul_((grad * scale).view(expand), residual.unsqueeze(1))
+
+
+def mse_options_pick(residual, deltas, scale, choose):
+    """``mse_options`` and the chosen option in one autograd node, for training.
+
+    The losses choose the option (``choose``: losses [N x K] -> choices [N], e.g. argmin),
+    and the chosen deltas continue to the next stage. Autograd would give ``deltas`` one
+    zero-filled gradient from the pick and add it to the one from the losses; here the
+    pick's gradient goes straight into the losses' gradient buffer.
+
+    :return: (losses [N x K], choices [N] long, deltas[i, choices[i]] [N x *shape]).
+    """
+    return _OptionMSEPick.apply(residual, deltas, scale, choose)
+
+
+class _OptionMSEPick(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, deltas, scale, choose):
+        losses = _OptionMSE.forward(ctx, residual, deltas, scale)
+        choices = choose(losses)
+        rows = torch.arange(len(choices), device=choices.device)
+        ctx.rows_choices = rows, choices
+        ctx.mark_non_differentiable(choices)
+        return losses, choices, deltas[rows, choices]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses, grad_choices, grad_chosen):
+        if grad_losses is None:
+            grad_losses = torch.zeros(ctx.saved_tensors[3].shape, dtype=ctx.saved_tensors[3].dtype,
+                                      device=ctx.saved_tensors[3].device)
+        grad_residual, grad_deltas, grad_scale = _OptionMSE.backward(ctx, grad_losses)
+        if grad_chosen is not None and grad_deltas is not None:
+            grad_deltas.index_put_(ctx.rows_choices, grad_chosen.to(grad_deltas.dtype), accumulate=True)
+        return grad_residual, grad_deltas, grad_scale, None
