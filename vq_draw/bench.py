@@ -40,7 +40,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .config import DATASETS, create_model, load_model
-from .data import load_dataset
+from .data import DataError, load_dataset
 from .nn import MaskedConv
 
 ARCHITECTURES = ("mnist", "svhn", "cifar10", "celeba")
@@ -433,6 +433,12 @@ def bench_architecture(dataset, device="cpu", repeats=3, quick=False, memory=Tru
     :param data_dir: time on real test images instead of noise.
     :return: (settings dict, list of result dicts, agreement dict).
     """
+    if data_dir:
+        try:
+            _images(dataset, 1, "cpu", data_dir=data_dir)
+        except DataError as exc:
+            log(f"{dataset}: no test images in {data_dir}, timing on noise ({str(exc).splitlines()[0][:80]}...)")
+            data_dir = None
     s = settings_for(dataset, device, quick, stages, options, batch, checkpoint, data_dir)
     model, reference = build_models(dataset, s["options"], s["stages"], s["segment"], device,
                                     channels_last=channels_last, checkpoint=checkpoint)

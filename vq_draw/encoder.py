@@ -130,7 +130,7 @@ class VQDraw(nn.Module):
             return losses, choices, delta
 
     def _distinct_features(self, recon, stage, first_choices):
-        """Refiner features for the distinct inputs of a stage (inference).
+        """Refiner features for the distinct inputs of a stage (training and inference).
 
         Every image enters stage 0 as zeros and stage 1 as one of K reconstructions (set
         by its first choice), so there the refiner runs once per distinct input.
