@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vq_draw import bench
+from vq_draw.config import DATASETS
 from vq_draw.losses import mse_loss, mse_options, mse_options_pick, mse_shared_options
 from vq_draw.nn import OptionConv
 
@@ -218,3 +219,20 @@ def test_loop_overhead_times_every_part():
     expected = (result["data"] + result["log"] / 2 + result["eval"] / 3 + result["save"] / 3
                 + result["other"]) / result["step"]
     assert result["overhead"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "celeba"])
+def test_bench_images_from_real_data(shared_data, dataset):
+    """--data-dir times on the first test images, whatever the storage (arrays or image files)."""
+    images = bench._images(dataset, 3, "cpu", data_dir=shared_data)
+    assert images.shape == (3, *DATASETS[dataset]["shape"])
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0
+
+
+def test_bench_falls_back_to_noise_without_data(tmp_path):
+    lines = []
+    settings, rows, agreement = bench.bench_architecture(
+        "svhn", quick=True, memory=False, measures=("decode",), repeats=1,
+        data_dir=str(tmp_path), log=lines.append)
+    assert any("timing on noise" in line for line in lines) and settings["data_dir"] is None
+    assert agreement["codes_equal"] and rows[0]["ratio"] > 0

@@ -291,8 +291,12 @@ def _images(dataset, n, device, seed=1, data_dir=None):
             _TEST_SETS[key] = load_dataset(dataset, "test", data_dir, download=False)
         images = _TEST_SETS[key]
         index = torch.arange(n) % len(images)
-        batch = images.batch(index) if hasattr(images, "batch") else \
-            torch.stack([images[int(i)][0] for i in index])
+        if hasattr(images, "batch"):
+            batch = images.batch(index)
+        else:  # a dataset of image files: items are images or (image, label)
+            items = [images[int(i)] for i in index]
+            batch = torch.stack([item[0] if isinstance(item, (tuple, list)) else item
+                                 for item in items])
         return batch.to(device)
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, *DATASETS[dataset]["shape"], generator=gen).to(device)
