@@ -39,7 +39,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .config import DATASETS, create_model, load_model
+from .config import DATASETS, CheckpointError, create_model, load_model, read_checkpoint
 from .data import DataError, load_dataset
 from .nn import MaskedConv
 
@@ -256,10 +256,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fns, repeats, device, clock="wall", all_times=False):
-    """Best time of each function over ``repeats`` interleaved runs (after one warm-up).
-
-    With ``all_times``, instead a list per function of its time in every round.
+def timed(fns, repeats, device, clock="wall"):
+    """The time of each function in each of ``repeats`` interleaved rounds (after one warm-up):
+    a list of ``repeats`` seconds per function.
 
     :param clock: "wall", or "cpu" for this process's CPU time, which on a machine shared
                   with other jobs counts only the time the work itself ran (use it with one
@@ -276,7 +275,7 @@ def timed(fns, repeats, device, clock="wall", all_times=False):
             fn()
             _sync(device)
             times[i].append(now() - start)
-    return times if all_times else [min(t) for t in times]
+    return times
 
 
 _TEST_SETS = {}
@@ -413,15 +412,15 @@ def settings_for(dataset, device, quick=False, stages=None, options=None, batch=
     kind = "quick" if quick else ("cuda" if torch.device(device).type == "cuda" else "cpu")
     s = dict(SETTINGS[kind][dataset], dataset=dataset, options=4 if quick else 64,
              checkpoint=checkpoint, data_dir=data_dir)
-    if checkpoint:
-        config = load_model(checkpoint).config
-        stages, options = config["stages"], config["options"]
-        s["segment"] = config.get("segment")
-    if stages is not None:
-        s["stages"], s["segment"] = stages, (min(stages, DATASETS[dataset]["segment"])
-                                             if DATASETS[dataset]["segment"] else None)
-    if options is not None:
-        s["options"] = options
+    if checkpoint:  # its architecture wins, as in build_models
+        config = read_checkpoint(checkpoint)["config"]
+        s.update(stages=config["stages"], segment=config.get("segment"), options=config["options"])
+    else:
+        if stages is not None:
+            s["stages"], s["segment"] = stages, (min(stages, DATASETS[dataset]["segment"])
+                                                 if DATASETS[dataset]["segment"] else None)
+        if options is not None:
+            s["options"] = options
     if batch is not None:
         s["batch"] = batch
     s["stages_run"] = s["stages"] or DATASETS[dataset]["stages"]
@@ -460,7 +459,7 @@ def bench_architecture(dataset, device="cpu", repeats=3, quick=False, memory=Tru
     for measure in measures:
         opt_fn, _ = _run_measure(measure, model, reference, s, device, False)
         ref_fn, _ = _run_measure(measure, model, reference, s, device, True)
-        ref_times, opt_times = timed([ref_fn, opt_fn], repeats, device, clock, all_times=True)
+        ref_times, opt_times = timed([ref_fn, opt_fn], repeats, device, clock)
         ref_time, opt_time = min(ref_times), min(opt_times)
         batch = s["train_batch"] if measure.startswith("train") else s["batch"]
         # The best times give "ratio". On a shared or virtual machine whole runs speed up and
@@ -686,8 +685,8 @@ def main(argv=None):
     checkpoints = {}
     for path in args.checkpoint:
         try:
-            checkpoints[load_model(path).config["dataset"]] = path
-        except Exception as exc:  # a missing or foreign file: one line, as everywhere else
+            checkpoints[read_checkpoint(path)["config"]["dataset"]] = path
+        except CheckpointError as exc:  # a missing or foreign file: one line, as everywhere else
             sys.exit(f"error: --checkpoint {path}: {exc}")
     info = {"clock": clock, "date": datetime.date.today().isoformat(), "device": describe_device(args.device),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "repeats": args.repeats,

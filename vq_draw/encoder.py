@@ -103,7 +103,8 @@ class VQDraw(nn.Module):
         """The loss of every proposal, [N x K], in at least float32 (also under autocast), so
         that the choices do not depend on the precision of the network.
 
-        MSE after stage 0 skips materializing the proposals (``losses.mse_options``).
+        MSE never materializes the proposals: ``losses.mse_options`` after stage 0, and at
+        stage 0, where all images share the same K proposals, ``losses.mse_shared_options``.
         With ``choose`` (losses [N x K] -> choices [N]) it returns (losses, choices,
         chosen deltas [N x *shape]), for training.
         """
@@ -219,7 +220,7 @@ class VQDraw(nn.Module):
                 recon, c, l = checkpoint(self._train_chunk, recon, x, start, stop, first_choices,
                                          use_reentrant=False)
             else:
-                recon, c, l = self._train_chunk(recon, x, start, stop)
+                recon, c, l = self._train_chunk(recon, x, start, stop, first_choices)
             codes.append(c)
             losses.append(l)
         return torch.cat(codes, 1), recon, torch.cat(losses, 1)

@@ -121,10 +121,8 @@ class _OptionMSEPick(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_losses, grad_choices, grad_chosen):
-        if grad_losses is None:
-            grad_losses = torch.zeros(ctx.saved_tensors[3].shape, dtype=ctx.saved_tensors[3].dtype,
-                                      device=ctx.saved_tensors[3].device)
+        # Unused outputs arrive as zeros (autograd materializes them for Functions).
         grad_residual, grad_deltas, grad_scale = _OptionMSE.backward(ctx, grad_losses)
-        if grad_chosen is not None and grad_deltas is not None:
+        if grad_deltas is not None:
             grad_deltas.index_put_(ctx.rows_choices, grad_chosen.to(grad_deltas.dtype), accumulate=True)
         return grad_residual, grad_deltas, grad_scale, None
