@@ -126,6 +126,31 @@ def test_resume_equals_an_uninterrupted_run_bitwise(tmp_path, source, no_plots):
                        torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["model"])
 
 
+def test_the_step_limit_evaluates_the_whole_test_set_once(tmp_path, monkeypatch, no_plots):
+    import vq_draw.train
+
+    sizes = []
+    evaluate = vq_draw.train.evaluate
+
+    def counting_evaluate(model, images, **kwargs):
+        sizes.append(len(images))
+        return evaluate(model, images, **kwargs)
+
+    monkeypatch.setattr(vq_draw.train, "evaluate", counting_evaluate)
+    settings = dict(test_data=random_dataset(5, seed=3), step_limit=4, eval_interval=2, eval_size=2,
+                    save_interval=2)
+    loop = make_loop(tiny_model("mnist", stages=1), tmp_path, **settings)
+    result = loop.run()
+    assert sizes == [2, 5]  # a subset at step 2, then all 5 at the limit (not a subset, then all)
+    assert result["count"] == 5 and (tmp_path / "final_eval.json").exists()
+    rows = open(tmp_path / "log.csv").read().splitlines()
+    assert rows[-1].startswith("4,") and rows[-1].split(",")[9]  # the last row has the test MSE
+    # Resumed at its limit, a run trains no more and evaluates the whole test set once.
+    sizes.clear()
+    again = make_loop(tiny_model("mnist", stages=1), tmp_path, **settings)
+    assert again.run()["count"] == 5 and sizes == [5] and again.step == 4
+
+
 def test_checkpoint_contents_and_load_model(tmp_path):
     model = tiny_model("svhn", stages=2, segment=1)
     loop = make_loop(model, tmp_path, train_data=random_dataset(4, (3, 32, 32)),

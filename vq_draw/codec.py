@@ -56,6 +56,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 MAGIC = b"\x89VQD"
 VERSION = 1
 SUFFIX = ".vqd"
@@ -304,17 +306,10 @@ def read_file(path):
 
 
 def write_file(path, data):
-    """Write bytes atomically (a temporary file renamed into place)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write bytes atomically (``files.atomic_write``): a failed write leaves ``path`` as it was."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(data))
     except OSError as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
         raise CodecError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 

@@ -30,6 +30,7 @@ from .config import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, con
                      model_from_checkpoint, read_checkpoint)
 from .data import ArrayDataset, BatchSampler, fixed_images, iterate_batches
 from .evaluate import evaluate, format_table, merge_results
+from .files import atomic_write
 
 
 class SaveError(RuntimeError):
@@ -37,24 +38,15 @@ class SaveError(RuntimeError):
 
 
 def save_checkpoint(path, state):
-    """Write ``state`` to ``path`` atomically: a temporary file, fsync, then rename.
+    """Write ``state`` to ``path`` atomically (``files.atomic_write``).
 
     A crash or a full disk in the middle leaves the previous checkpoint untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(state, f))
     except OSError as exc:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
         raise SaveError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
                         f"checkpoint is intact") from None
 
@@ -297,6 +289,7 @@ class TrainLoop:
         self._log(self._describe())
         self.model.train()
         totals, count = {}, 0
+        final_done = False
         last_time, last_step = time.time(), self.step
         if self.progress:
             from tqdm import tqdm
@@ -312,8 +305,11 @@ class TrainLoop:
             done = self.step_limit is not None and self.step >= self.step_limit
             evaluated = False
             if self._crossed(self.eval_interval) or done:
-                self.last_eval = self._evaluate(self.eval_size)
+                # At the step limit the whole test set is evaluated once, not a subset first.
+                final = done and self.final_eval
+                self.last_eval = self._evaluate(self._test_size if final else self.eval_size, final)
                 evaluated = self.last_eval is not None
+                final_done = final
             # Every evaluation gets its own log row, so the held-out columns are never stale.
             if self._crossed(self.log_interval) or done or evaluated:
                 now = time.time()
@@ -326,9 +322,14 @@ class TrainLoop:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self.final_eval and self.test_data is not None and self.step_limit is not None:
-            self.last_eval = self._evaluate(len(self.test_data), final=True)
+        if self.final_eval and self.step_limit is not None and not final_done:
+            # A run resumed at its step limit: evaluate without training.
+            self.last_eval = self._evaluate(self._test_size, final=True)
         return self.last_eval
+
+    @property
+    def _test_size(self):
+        return 0 if self.test_data is None else len(self.test_data)
 
     def close(self):
         """Under torchrun, leave the process group; every process calls it after ``run``."""
