@@ -212,6 +212,9 @@ def test_public_attributes():
     assert model.config["dataset"] == "svhn" and model.config["segment"] == 2
     default = vq_draw.create_model("mnist", options=4)
     assert default.num_stages == 10 and default.config["segment"] is None
+    # Fewer stages than the published segment (CelebA: 10) gives one network for all of them.
+    short = vq_draw.create_model("celeba", options=2, stages=3)
+    assert short.config["segment"] == 3 and len(short.refiner.refiners) == 1
 
 
 # ---------------------------------------------------------------------- bad input to the API

@@ -59,7 +59,7 @@ def trained_run(tmp_path_factory, digits):
     ("mnist", ["--step-limit", "-1"], "--step-limit"),
     ("svhn", ["--stages", "4", "--segment", "5"], "--segment"),
     ("cifar10", ["--segment", "0"], "--segment"),
-    ("celeba", ["--stages", "5"], "--segment"),  # the published segment 10 does not fit 5 stages
+    ("celeba", ["--stages", "5", "--segment", "10"], "--segment"),
     ("mnist", ["--batch", "two"], "--batch"),
     ("mnist", ["--epsilon", "1.5"], "epsilon"),
     ("mnist", ["--aux-coeff", "nan"], "aux_coeff"),
@@ -249,3 +249,4 @@ def test_published_defaults_of_the_scripts():
     celeba = scripts.parse_args("celeba", ["--no-grad-checkpoint"])
     assert (celeba.stages, celeba.segment, celeba.grad_checkpoint, celeba.step_limit) == \
         (100, 10, False, 36194)
+    assert scripts.parse_args("celeba", ["--stages", "4"]).segment == 4  # one network for all

@@ -45,15 +45,18 @@ def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01,
     :param dataset: "mnist", "svhn", "cifar10" or "celeba".
     :param options: K, proposals per stage (>= 2).
     :param stages: S (>= 1); None gives the published value.
-    :param segment: stages per refiner network; None gives the published value (MNIST: one
-                    network for all stages). Must be between 1 and ``stages``.
+    :param segment: stages per refiner network; None gives the published value, or ``stages``
+                    when that is smaller (MNIST: one network for all stages). Must be between 1
+                    and ``stages``.
     :return: a ``VQDraw`` module in training mode, with ``model.config`` holding these arguments.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     spec = DATASETS[dataset]
     stages = spec["stages"] if stages is None else stages
-    segment = spec["segment"] if segment is None else segment
+    if segment is None and spec["segment"] is not None and isinstance(stages, int):
+        # Fewer stages than the published segment: one network for all of them.
+        segment = min(spec["segment"], stages)
     output_scale = spec["output_scale"] if output_scale is None else output_scale
     _check_int("options", options, 2)
     _check_int("stages", stages, 1)

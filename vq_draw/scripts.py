@@ -38,7 +38,10 @@ def parse_args(dataset, argv=None):
                              + ("constant" if recipe["lr_final"] is None else str(recipe["lr_final"])) + ")")
     parser.add_argument("--stages", type=int, default=spec["stages"])
     parser.add_argument("--options", type=int, default=64)
-    parser.add_argument("--segment", type=int, default=spec["segment"])
+    parser.add_argument("--segment", type=int, default=None,
+                        help="stages per refiner network (default: "
+                             + ("one network for all stages" if spec["segment"] is None else
+                                f"{spec['segment']}, or --stages when fewer") + ")")
     parser.add_argument("--aux-coeff", type=float, default=0.01)
     parser.add_argument("--final-coeff", type=float, default=0.0)
     parser.add_argument("--epsilon", type=float, default=0.0)
@@ -68,6 +71,8 @@ def parse_args(dataset, argv=None):
                          f"got {getattr(args, name)}")
     if args.step_limit < 0:
         parser.error(f"--step-limit must be >= 0 (0 trains forever), got {args.step_limit}")
+    if args.segment is None and spec["segment"] is not None:
+        args.segment = min(spec["segment"], args.stages)
     if args.segment is not None and not 1 <= args.segment <= args.stages:
         parser.error(f"--segment must be between 1 and --stages ({args.stages}), got {args.segment}")
     return args
