@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from conftest import tiny_model
 from vq_draw import bench
 from vq_draw.config import DATASETS
 from vq_draw.losses import mse_loss, mse_options, mse_options_pick, mse_shared_options
@@ -193,6 +194,37 @@ def test_bench_quick_writes_json(tmp_path, capsys):
         assert row["ratio"] == pytest.approx(row["reference_s"] / row["optimized_s"])
     assert rows["encode"]["optimized_images_per_s"] > 0
     assert data["agreement"]["mnist"]["codes_equal"]
+
+
+def test_flop_counts_match_the_layer_arithmetic():
+    conv = torch.nn.Conv2d(64, 16, 3, padding=1)
+    x = torch.randn(2, 64, 28, 28, requires_grad=True)
+    forward = 2 * 2 * 28 * 28 * 16 * 64 * 9  # 2 FLOP per multiply-add
+    assert bench.count_gflop(lambda: conv(x)) * 1e9 == forward
+    # Backward: the input gradient and the weight gradient cost one forward each.
+    assert bench.count_gflop(lambda: conv(x).sum().backward()) * 1e9 == 3 * forward
+    model = tiny_model("mnist", options=4, stages=2).eval()
+    images = model.normalize(torch.rand(3, 1, 28, 28))
+    # Decoding runs stage 0 once for the whole batch: fewer FLOPs per image than the reference.
+    codes = torch.tensor([[0, 1], [2, 3], [1, 1]])
+    assert bench.count_gflop(lambda: model.decode(codes)) < bench.count_gflop(
+        lambda: bench.reference_decode(model, codes))
+    assert bench.gemm_peak("cpu", repeats=1, size=256) > 0
+
+
+def test_bench_flops_reports_rates_and_time_at_the_peak(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--datasets", "mnist", "--measures", "train", "encode", "--repeats", "1",
+                "--no-memory", "--flops", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "GEMM peak" in printed and "at the peak the optimized step would take" in printed
+    assert "all 70,000 mnist images" in printed
+    data = json.loads(out.read_text())
+    assert data["info"]["gemm_peak_gflop_per_s"] > 0
+    for row in data["results"]:
+        for impl in ("reference", "optimized"):
+            assert row[f"{impl}_gflop"] > 0
+            assert row[f"{impl}_gflop_per_s"] == pytest.approx(row[f"{impl}_gflop"] / row[f"{impl}_s"])
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux")

@@ -278,6 +278,29 @@ def timed(fns, repeats, device, clock="wall"):
     return times
 
 
+
+def count_gflop(fn):
+    """GFLOP of the convolutions and matrix products that one call of ``fn`` runs, forward
+    and backward (``torch.utils.flop_counter``; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def gemm_peak(device, repeats=3, clock="wall", size=2048):
+    """GFLOP/s of a large float32 matrix product: what this device sustains at best."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen).to(device) for _ in range(2))
+    times = timed([lambda: torch.mm(a, b)], repeats, device, clock)[0]
+    return 2 * size ** 3 / min(times) / 1e9
+
+
+# Train + test images of each dataset, for "how long would encoding all of them take".
+DATASET_IMAGES = {"mnist": 70000, "svhn": 99289, "cifar10": 60000, "celeba": 202599}
+
+
 _TEST_SETS = {}
 
 
@@ -429,11 +452,13 @@ def settings_for(dataset, device, quick=False, stages=None, options=None, batch=
 
 def bench_architecture(dataset, device="cpu", repeats=3, quick=False, memory=True, stages=None,
                        options=None, batch=None, channels_last=True, measures=MEASURES, clock="wall",
-                       log=print, checkpoint=None, data_dir=None):
+                       log=print, checkpoint=None, data_dir=None, peak=None):
     """Time (and measure memory of) every measure for one architecture.
 
     :param checkpoint: start both implementations from these trained weights.
     :param data_dir: time on real test images instead of noise.
+    :param peak: GEMM GFLOP/s (``gemm_peak``): also count each measure's FLOPs and report the
+                 rate achieved and the time the same FLOPs would take at that peak.
     :return: (settings dict, list of result dicts, agreement dict).
     """
     if data_dir:
@@ -474,6 +499,12 @@ def bench_architecture(dataset, device="cpu", repeats=3, quick=False, memory=Tru
         if not measure.startswith("train"):
             row["reference_images_per_s"] = batch / ref_time
             row["optimized_images_per_s"] = batch / opt_time
+        if peak:
+            for impl, fn, seconds in (("reference", ref_fn, ref_time), ("optimized", opt_fn, opt_time)):
+                gflop = count_gflop(fn)
+                row[f"{impl}_gflop"] = gflop
+                row[f"{impl}_gflop_per_s"] = gflop / seconds
+                row[f"{impl}_peak_fraction"] = gflop / seconds / peak
         if memory:
             for impl in ("reference", "optimized"):
                 spec = dict(s, measure=measure, impl=impl, device=str(device),
@@ -483,7 +514,30 @@ def bench_architecture(dataset, device="cpu", repeats=3, quick=False, memory=Tru
                 row[f"{impl}_working_mb"] = mem["working_mb"]
         results.append(row)
         log(format_row(row))
+        if peak:
+            log(format_flops(row, peak))
     return s, results, agreement
+
+
+def format_flops(row, peak):
+    """The FLOP line under a result row: work, rate, share of the GEMM peak, time at the peak."""
+    per = "step" if row["measure"].startswith("train") else "image"
+    scale = 1 if per == "step" else 1 / row["batch"]
+    parts = []
+    for impl in ("reference", "optimized"):
+        gflop = row[f"{impl}_gflop"]
+        parts.append(f"{impl} {gflop * scale:.3f} GFLOP/{per} at {row[f'{impl}_gflop_per_s']:.1f} "
+                     f"GFLOP/s ({100 * row[f'{impl}_peak_fraction']:.0f} % of the peak)")
+    text = "    " + "; ".join(parts)
+    optimized = row["optimized_gflop"]
+    if per == "step":
+        text += f"; at the peak the optimized step would take {optimized / peak:.3f} s"
+    else:
+        count = DATASET_IMAGES[row["dataset"]]
+        rate = row["batch"] / row["optimized_s"]
+        text += (f"; all {count:,} {row['dataset']} images: {count / rate:.0f} s at this rate, "
+                 f"{optimized * scale * count / peak:.0f} s at the peak")
+    return text
 
 
 # ---------------------------------------------------------------------- the loop and memory tables
@@ -662,6 +716,9 @@ def main(argv=None):
     parser.add_argument("--train-batch", type=int, default=32, help="batch for --memory-table")
     parser.add_argument("--checkpointing", choices=("both", "on", "off"), default="both",
                         help="--memory-table with, without or with and without checkpointing")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count each measure's FLOPs and compare the rate with this "
+                             "device's float32 GEMM peak (measured first)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -718,6 +775,12 @@ def main(argv=None):
     print(f"vq_draw.bench on {info['device']}, torch {info['torch']}; ratio = reference time / "
           f"optimized time, best of {args.repeats} each; median = median over the {args.repeats} "
           f"back-to-back rounds of their ratio; {clock} clock")
+    peak = None
+    if args.flops:
+        peak = gemm_peak(args.device, args.repeats, clock)
+        info["gemm_peak_gflop_per_s"] = peak
+        print(f"float32 GEMM peak (2048 x 2048 x 2048 matrix product, best of {args.repeats}): "
+              f"{peak:.1f} GFLOP/s")
     print(HEADER + (MEMORY_HEADER if args.memory else ""))
     results, settings, agreement = [], {}, {}
     for dataset in args.datasets:
@@ -726,7 +789,7 @@ def main(argv=None):
                                             args.measures, clock,
                                             log=lambda line: print(line, flush=True),
                                             checkpoint=checkpoints.get(dataset),
-                                            data_dir=args.data_dir)
+                                            data_dir=args.data_dir, peak=peak)
         settings[dataset], agreement[dataset] = s, agree
         results.extend(rows)
     if hasattr(os, "getloadavg"):
