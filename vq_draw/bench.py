@@ -53,7 +53,7 @@ SETTINGS = {
         "mnist": dict(stages=None, segment=None, train_batch=32, batch=1000),
         "svhn": dict(stages=5, segment=5, train_batch=32, batch=200),
         "cifar10": dict(stages=4, segment=4, train_batch=32, batch=100),
-        "celeba": dict(stages=2, segment=2, train_batch=32, batch=50),
+        "celeba": dict(stages=4, segment=4, train_batch=32, batch=50),
     },
     "cuda": {
         "mnist": dict(stages=None, segment=None, train_batch=32, batch=1000),
