@@ -39,7 +39,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .config import DATASETS, CheckpointError, create_model, load_model, read_checkpoint
+from .config import (DATASETS, CheckpointError, create_model, default_segment, load_model,
+                     read_checkpoint)
 from .data import DataError, load_dataset
 from .nn import MaskedConv
 
@@ -278,7 +279,6 @@ def timed(fns, repeats, device, clock="wall"):
     return times
 
 
-
 def count_gflop(fn):
     """GFLOP of the convolutions and matrix products that one call of ``fn`` runs, forward
     and backward (``torch.utils.flop_counter``; elementwise work is not counted)."""
@@ -440,8 +440,7 @@ def settings_for(dataset, device, quick=False, stages=None, options=None, batch=
         s.update(stages=config["stages"], segment=config.get("segment"), options=config["options"])
     else:
         if stages is not None:
-            s["stages"], s["segment"] = stages, (min(stages, DATASETS[dataset]["segment"])
-                                                 if DATASETS[dataset]["segment"] else None)
+            s["stages"], s["segment"] = stages, default_segment(dataset, stages)
         if options is not None:
             s["options"] = options
     if batch is not None:
@@ -571,9 +570,7 @@ def loop_overhead(dataset="mnist", data_dir=None, steps=20, batch_size=32, log_i
     else:
         train, test = load_dataset(dataset, "train", data_dir), load_dataset(dataset, "test", data_dir)
     torch.manual_seed(seed)
-    model = create_model(dataset, options=options, stages=stages,
-                         segment=None if stages is None or DATASETS[dataset]["segment"] is None
-                         else min(stages, DATASETS[dataset]["segment"]))
+    model = create_model(dataset, options=options, stages=stages)  # the default segment
     spent = {"data": 0.0, "update": 0.0, "log": 0.0, "eval": 0.0, "save": 0.0}
     counts = dict.fromkeys(spent, 0)
 

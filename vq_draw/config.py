@@ -38,6 +38,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: corrupt, foreign, or for another architecture."""
 
 
+def default_segment(dataset, stages):
+    """Stages per refiner network when none is given: the published segment, or ``stages`` when
+    that is smaller (one network for all of them); None for one network (MNIST)."""
+    published = DATASETS[dataset]["segment"]
+    return None if published is None else min(published, stages)
+
+
 def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01, final_coeff=0.0,
                  epsilon=0.0, grad_decay=0.0, grad_checkpoint=False, output_scale=None, loss="mse"):
     """Build a VQ-DRAW model with the published settings of ``dataset``.
@@ -54,12 +61,10 @@ def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01,
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     spec = DATASETS[dataset]
     stages = spec["stages"] if stages is None else stages
-    if segment is None and spec["segment"] is not None and isinstance(stages, int):
-        # Fewer stages than the published segment: one network for all of them.
-        segment = min(spec["segment"], stages)
     output_scale = spec["output_scale"] if output_scale is None else output_scale
     _check_int("options", options, 2)
     _check_int("stages", stages, 1)
+    segment = default_segment(dataset, stages) if segment is None else segment
     if segment is not None:
         _check_int("segment", segment, 1)
         if segment > stages:

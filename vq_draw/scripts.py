@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .config import DATASETS, CheckpointError, create_model
+from .config import DATASETS, CheckpointError, create_model, default_segment
 from .data import DataError, load_dataset
 from .train import SaveError, TrainLoop
 
@@ -71,8 +71,8 @@ def parse_args(dataset, argv=None):
                          f"got {getattr(args, name)}")
     if args.step_limit < 0:
         parser.error(f"--step-limit must be >= 0 (0 trains forever), got {args.step_limit}")
-    if args.segment is None and spec["segment"] is not None:
-        args.segment = min(spec["segment"], args.stages)
+    if args.segment is None:
+        args.segment = default_segment(dataset, args.stages)
     if args.segment is not None and not 1 <= args.segment <= args.stages:
         parser.error(f"--segment must be between 1 and --stages ({args.stages}), got {args.segment}")
     return args
