@@ -75,6 +75,24 @@ def test_shipped_model_reconstructs_test_digits(model, data_dir):
 
 
 @needs_model
+def test_readme_shows_the_shipped_models_evaluation():
+    """The README's evaluation table is the one saved in images/mnist_eval.json, and its status
+    names the shipped model's step, so a model update cannot leave the README's numbers behind."""
+    import json
+
+    from vq_draw.evaluate import ORIGINAL_MNIST_MSE, format_table
+
+    with open(os.path.join(ROOT, "images", "mnist_eval.json")) as f:
+        result = json.load(f)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert format_table(result, ORIGINAL_MNIST_MSE) in readme, \
+        "README's evaluation table differs from images/mnist_eval.json"
+    steps = torch.load(MODEL, map_location="cpu", weights_only=True)["trained_steps"]
+    assert f"step {steps:,} of 50,000" in readme, f"README does not name the shipped step {steps:,}"
+
+
+@needs_model
 def test_make_images_writes_every_figure(model, data_dir, tmp_path):
     from PIL import Image
 
