@@ -15,6 +15,7 @@ from conftest import REPO, script_env, tiny_model, write_npz
 from vq_draw import codec
 from vq_draw.cli import main, to_uint8
 from vq_draw.data import load_image
+from vq_draw.rate_distortion import format_table, read_csv
 from vq_draw.train import export_model
 
 
@@ -129,6 +130,8 @@ def test_rate_distortion(files, tmp_path, capsys):
     assert os.path.getsize(tmp_path / "rd.png") > 1000
     out = capsys.readouterr().out
     assert "| stages |" in out and "beam 3 MSE" in out
+    # The saved CSV reprints the same tables (what the README's tables are checked against).
+    assert format_table(read_csv(tmp_path / "rd.csv")) in out
 
 
 def test_usage_errors_are_one_line(files, tmp_path):

@@ -84,12 +84,51 @@ def test_readme_shows_the_shipped_models_evaluation():
 
     with open(os.path.join(ROOT, "images", "mnist_eval.json")) as f:
         result = json.load(f)
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+    readme = _readme()
     assert format_table(result, ORIGINAL_MNIST_MSE) in readme, \
         "README's evaluation table differs from images/mnist_eval.json"
     steps = torch.load(MODEL, map_location="cpu", weights_only=True)["trained_steps"]
     assert f"step {steps:,} of 50,000" in readme, f"README does not name the shipped step {steps:,}"
+
+
+def _readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+@needs_model
+def test_readme_shows_the_saved_rate_distortion_tables():
+    """Both README tables (greedy beside JPEG/WebP, and beam search) are what
+    ``format_table`` prints for images/mnist_rate_distortion.csv."""
+    from vq_draw.rate_distortion import format_table, read_csv
+
+    tables = format_table(read_csv(os.path.join(ROOT, "images", "mnist_rate_distortion.csv")))
+    readme = _readme()
+    for table in tables.split("\n\n"):
+        assert table in readme, "README's rate-distortion table differs from images/mnist_rate_distortion.csv"
+
+
+@needs_model
+def test_readme_shows_the_classifier_notebooks_accuracies():
+    """The README's classifier table holds the accuracies that mnist_classify.ipynb printed in its
+    saved summary, and that run used the shipped model."""
+    import re
+
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.read(os.path.join(ROOT, "mnist_classify.ipynb"), as_version=4)
+    summary = [out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+               for out in cell.get("outputs", []) if "model trained" in out.get("text", "")]
+    assert len(summary) == 1, "mnist_classify.ipynb is saved without its summary output"
+    rows = re.findall(r"^(.+?)\s+(\d+\.\d\d)%\s+(\d+\.\d\d)%$", summary[0], re.M)
+    assert len(rows) == 3, summary[0]
+    readme = _readme()
+    for name, train, test in rows:
+        row = rf"\| {re.escape(name)} \| {train} % \| (\*\*)?{test} %(\*\*)? \|"
+        assert re.search(row, readme), f"README's classifier table lacks: {name} {train} % {test} %"
+    notebook_steps = int(re.search(r"model trained (\d+) steps", summary[0]).group(1))
+    shipped_steps = torch.load(MODEL, map_location="cpu", weights_only=True)["trained_steps"]
+    assert notebook_steps == shipped_steps, "mnist_classify.ipynb's outputs come from another model"
+    assert f"model at step {notebook_steps:,}," in readme
 
 
 @needs_model

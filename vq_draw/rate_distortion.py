@@ -152,6 +152,23 @@ def write_csv(rows, path):
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def read_csv(path):
+    """The rows that ``write_csv`` wrote, typed again (floats to 6 significant digits), so that
+    ``format_table(read_csv(path))`` reprints a saved run's tables."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in ("stages", "quality", "payload_bytes"):
+            row[key] = int(row[key]) if row[key] else ""
+        # VQ-DRAW sizes are whole bits and bytes; JPEG and WebP sizes are means over images.
+        size = int if row["role"] == "vq" else float
+        for key in ("bits_per_image", "bytes_per_image"):
+            row[key] = size(row[key])
+        for key in ("mse", "psnr"):
+            row[key] = float(row[key])
+    return rows
+
+
 def format_table(rows):
     """Markdown: one line per VQ-DRAW code length with the matched JPEG and WebP; then, when
     beam search was measured, greedy against each beam width at equal bits."""
