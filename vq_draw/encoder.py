@@ -89,7 +89,7 @@ class VQDraw(nn.Module):
         """
         out = recon + self.output_scale * delta
         if stage == 0:
-            out = out + self.stage0_bias[choices]
+            out = out + self.stage0_bias.index_select(0, choices)
         return out
 
     def _proposals(self, recon, deltas, stage):
@@ -127,8 +127,9 @@ class VQDraw(nn.Module):
                 return losses
             choices = choose(losses.detach())
             # Only the chosen proposal is formed; its values equal proposals[i, choices[i]].
-            delta = deltas[0, choices] if stage == 0 else _PickOption.apply(deltas, choices)
-            return losses, choices, delta
+            if stage == 0:
+                return losses, choices, deltas[0].index_select(0, choices)
+            return losses, choices, _PickOption.apply(deltas, choices)
 
     def _distinct_features(self, recon, stage, first_choices):
         """Refiner features for the distinct inputs of a stage (training and inference).
@@ -149,15 +150,16 @@ class VQDraw(nn.Module):
             if len(unique) < n:
                 first = torch.empty_like(unique).scatter_(0, inverse,
                                                           torch.arange(n, device=recon.device))
-                return self.refiner.features(self._layout(recon[first]), 1), inverse
+                return self.refiner.features(self._layout(recon.index_select(0, first)), 1), inverse
         return self.refiner.features(self._layout(recon), stage), None
 
     def _chosen_option(self, features, inverse, stage, choices):
         """The chosen refiner output of every image, [N x *shape] (encode and decode share it)."""
         if stage == 0:
-            return self.refiner.options(features, 0)[0, choices]  # one image's K options
+            # One image's K options.
+            return self.refiner.options(features, 0)[0].index_select(0, choices)
         if inverse is not None:
-            features = features[inverse]
+            features = features[inverse]  # keeps channels_last; index_select would not
         return self.refiner.options(features, stage, choices)
 
     def _train_stage(self, recon, target, stage, first_choices=None):
@@ -177,7 +179,7 @@ class VQDraw(nn.Module):
         if stage == 0:
             deltas = deltas.expand(len(recon), *deltas.shape[1:])
         elif inverse is not None:
-            deltas = deltas[inverse]
+            deltas = _GatherRows.apply(deltas, inverse)
         losses, choices, delta = self._option_losses(recon, deltas, stage, target, self._choose)
         return self._next(recon, delta, stage, choices), choices, losses
 
@@ -284,7 +286,7 @@ class VQDraw(nn.Module):
             if stage == 0:
                 deltas = deltas.expand(len(x), *deltas.shape[1:])
             elif inverse is not None:
-                deltas = deltas[inverse]
+                deltas = _GatherRows.apply(deltas, inverse)
             choices = self._option_losses(recon, deltas, stage, x).argmin(1)
             # Compute the chosen option the way decode does, so that decoding the code
             # reproduces this reconstruction bit for bit.
@@ -322,7 +324,7 @@ class VQDraw(nn.Module):
             if stage == 0:
                 deltas = deltas.expand(len(recon), *deltas.shape[1:])
             elif inverse is not None:
-                deltas = deltas[inverse]
+                deltas = _GatherRows.apply(deltas, inverse)
             losses = self._option_losses(recon, deltas, stage, x.repeat_interleave(width, 0))
             new_width = min(beam, width * k)
             order = losses.view(count, width * k).argsort(dim=1, stable=True)[:, :new_width]
@@ -418,6 +420,30 @@ class VQDraw(nn.Module):
             raise ValueError(f"codes must be in [0, {self.options}), got values from "
                              f"{int(codes.min())} to {int(codes.max())}")
         return codes.long().to(self.output_scale.device)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x[index]``: [U x ...], [N] -> [N x ...], for index with repeats (images sharing a row).
+
+    The gradient of plain indexing adds the repeated rows with ``index_put_``, whose
+    order of addition on the CPU varies between runs with more than one thread, so
+    two identical training runs drifted apart in the last bits. ``index_add_`` adds
+    in a fixed order, and the gradient keeps the layout of ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.layout = x.shape, x.stride()
+        return x[index]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        shape, stride = ctx.layout
+        out = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).zero_()
+        return out.index_add_(0, index, grad), None
 
 
 class _PickOption(torch.autograd.Function):
