@@ -153,6 +153,16 @@ class VQDraw(nn.Module):
                 return self.refiner.features(self._layout(recon.index_select(0, first)), 1), inverse
         return self.refiner.features(self._layout(recon), stage), None
 
+    def _every_option(self, features, inverse, stage):
+        """Every image's K refiner outputs, [N x K x *shape], from ``_distinct_features``'s
+        (features [U x ...], inverse [N] or None)."""
+        deltas = self.refiner.options(features, stage)  # [U x K x *shape]
+        if inverse is None:
+            return deltas
+        if stage == 0:
+            return deltas.expand(len(inverse), *deltas.shape[1:])  # one row for all: a view
+        return _GatherRows.apply(deltas, inverse)
+
     def _chosen_option(self, features, inverse, stage, choices):
         """The chosen refiner output of every image, [N x *shape] (encode and decode share it)."""
         if stage == 0:
@@ -175,11 +185,7 @@ class VQDraw(nn.Module):
         # one per distinct first choice at stage 1); the gradients of the images that share
         # an input add up, as they would if each image had run the refiner itself.
         features, inverse = self._distinct_features(recon, stage, first_choices)
-        deltas = self.refiner.options(features, stage)
-        if stage == 0:
-            deltas = deltas.expand(len(recon), *deltas.shape[1:])
-        elif inverse is not None:
-            deltas = _GatherRows.apply(deltas, inverse)
+        deltas = self._every_option(features, inverse, stage)
         losses, choices, delta = self._option_losses(recon, deltas, stage, target, self._choose)
         return self._next(recon, delta, stage, choices), choices, losses
 
@@ -282,11 +288,7 @@ class VQDraw(nn.Module):
         codes, recons = [], []
         for stage in range(n):
             features, inverse = self._distinct_features(recon, stage, codes[0] if codes else None)
-            deltas = self.refiner.options(features, stage)  # [U x K x *shape]
-            if stage == 0:
-                deltas = deltas.expand(len(x), *deltas.shape[1:])
-            elif inverse is not None:
-                deltas = _GatherRows.apply(deltas, inverse)
+            deltas = self._every_option(features, inverse, stage)
             choices = self._option_losses(recon, deltas, stage, x).argmin(1)
             # Compute the chosen option the way decode does, so that decoding the code
             # reproduces this reconstruction bit for bit.
@@ -320,11 +322,7 @@ class VQDraw(nn.Module):
             # The same computations as greedy encoding, over count * width rows.
             first = codes[:, :, 0].reshape(-1) if stage else None
             features, inverse = self._distinct_features(recon, stage, first)
-            deltas = self.refiner.options(features, stage)  # [U x K x *shape]
-            if stage == 0:
-                deltas = deltas.expand(len(recon), *deltas.shape[1:])
-            elif inverse is not None:
-                deltas = _GatherRows.apply(deltas, inverse)
+            deltas = self._every_option(features, inverse, stage)
             losses = self._option_losses(recon, deltas, stage, x.repeat_interleave(width, 0))
             new_width = min(beam, width * k)
             order = losses.view(count, width * k).argsort(dim=1, stable=True)[:, :new_width]
