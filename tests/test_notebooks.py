@@ -74,6 +74,15 @@ def test_shipped_model_reconstructs_test_digits(model, data_dir):
     assert torch.equal(model.decode(codes), recons[:, -1])
 
 
+def _readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def _shipped_steps():
+    return torch.load(MODEL, map_location="cpu", weights_only=True)["trained_steps"]
+
+
 @needs_model
 def test_readme_shows_the_shipped_models_evaluation():
     """The README's evaluation table is the one saved in images/mnist_eval.json, and its status
@@ -87,13 +96,8 @@ def test_readme_shows_the_shipped_models_evaluation():
     readme = _readme()
     assert format_table(result, ORIGINAL_MNIST_MSE) in readme, \
         "README's evaluation table differs from images/mnist_eval.json"
-    steps = torch.load(MODEL, map_location="cpu", weights_only=True)["trained_steps"]
+    steps = _shipped_steps()
     assert f"step {steps:,} of 50,000" in readme, f"README does not name the shipped step {steps:,}"
-
-
-def _readme():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        return f.read()
 
 
 @needs_model
@@ -126,8 +130,7 @@ def test_readme_shows_the_classifier_notebooks_accuracies():
         row = rf"\| {re.escape(name)} \| {train} % \| (\*\*)?{test} %(\*\*)? \|"
         assert re.search(row, readme), f"README's classifier table lacks: {name} {train} % {test} %"
     notebook_steps = int(re.search(r"model trained (\d+) steps", summary[0]).group(1))
-    shipped_steps = torch.load(MODEL, map_location="cpu", weights_only=True)["trained_steps"]
-    assert notebook_steps == shipped_steps, "mnist_classify.ipynb's outputs come from another model"
+    assert notebook_steps == _shipped_steps(), "mnist_classify.ipynb's outputs come from another model"
     assert f"model at step {notebook_steps:,}," in readme
 
 
