@@ -63,6 +63,9 @@ def trained_run(tmp_path_factory, digits):
     ("mnist", ["--batch", "two"], "--batch"),
     ("mnist", ["--epsilon", "1.5"], "epsilon"),
     ("mnist", ["--aux-coeff", "nan"], "aux_coeff"),
+    ("mnist", ["--stage-weights", "1,2"], "--stage-weights"),
+    ("mnist", ["--stage-weights", "1,x,1,1,1,1,1,1,1,1"], "--stage-weights"),
+    ("mnist", ["--stage-weights", "1,1,1,1,1,1,1,1,1,-1"], "stage_weights"),
 ])
 def test_invalid_flags(dataset, flags, words, capsys):
     message = fails(lambda: scripts.main(dataset, flags + ["--run-dir", "unused-run"]), capsys)

@@ -177,6 +177,41 @@ def test_checkpoint_contents_and_load_model(tmp_path):
                   checkpoint_path=str(tmp_path / "weights.pt"))
 
 
+def test_init_from_fine_tunes_from_step_zero_then_resumes_its_own_run(tmp_path, no_plots):
+    source = tiny_model("mnist", stages=2)
+    make_loop(source, tmp_path / "source", step_limit=3, save_interval=3).run()
+    source_ckpt = torch.load(tmp_path / "source" / "checkpoint.pt", weights_only=True)
+
+    # A new run starts at step 0 from the source's weights and Adam state, with its own
+    # training-only settings (here stage weights).
+    tuned = tiny_model("mnist", stages=2, seed=5, stage_weights=[1.0, 3.0])
+    loop = make_loop(tuned, tmp_path / "tuned", step_limit=2, save_interval=1,
+                     init_from=str(tmp_path / "source" / "checkpoint.pt"))
+    assert loop.step == 0
+    assert state_equal(tuned.state_dict(), source.state_dict())
+    adam = loop.optimizer.state_dict()["state"]
+    assert all(torch.equal(adam[i]["exp_avg"], source_ckpt["optimizer"]["state"][i]["exp_avg"])
+               for i in adam)
+    loop.run()
+    saved = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["config"]["stage_weights"] == [1.0, 3.0]
+
+    # Once the run has its own checkpoint, it resumes from that, not from init_from.
+    again = make_loop(tiny_model("mnist", stages=2, stage_weights=[1.0, 3.0]), tmp_path / "tuned",
+                      step_limit=2, init_from=str(tmp_path / "source" / "checkpoint.pt"))
+    assert again.step == 2 and state_equal(again.model.state_dict(), saved["model"])
+
+    # Weights only (an export) also work; another architecture is refused.
+    export_model(source, str(tmp_path / "weights.pt"))
+    fresh = make_loop(tiny_model("mnist", stages=2, seed=7), tmp_path / "from_export",
+                      init_from=str(tmp_path / "weights.pt"))
+    assert fresh.step == 0 and state_equal(fresh.model.state_dict(), source.state_dict())
+    assert not fresh.optimizer.state_dict()["state"]
+    with pytest.raises(vq_draw.CheckpointError, match="another architecture"):
+        make_loop(tiny_model("mnist", stages=3), tmp_path / "other",
+                  init_from=str(tmp_path / "weights.pt"))
+
+
 def test_bad_training_settings():
     model = tiny_model("mnist", stages=1)
     for kwargs in (dict(batch_size=0), dict(step_interval=0), dict(save_interval=0),

@@ -46,7 +46,8 @@ def default_segment(dataset, stages):
 
 
 def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01, final_coeff=0.0,
-                 epsilon=0.0, grad_decay=0.0, grad_checkpoint=False, output_scale=None, loss="mse"):
+                 epsilon=0.0, grad_decay=0.0, grad_checkpoint=False, output_scale=None, loss="mse",
+                 stage_weights=None):
     """Build a VQ-DRAW model with the published settings of ``dataset``.
 
     :param dataset: "mnist", "svhn", "cifar10" or "celeba".
@@ -55,6 +56,8 @@ def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01,
     :param segment: stages per refiner network; None gives the published value, or ``stages``
                     when that is smaller (MNIST: one network for all stages). Must be between 1
                     and ``stages``.
+    :param stage_weights: one non-negative weight per stage for the training loss's average
+                          over stages (not all zero); None for the published plain mean.
     :return: a ``VQDraw`` module in training mode, with ``model.config`` holding these arguments.
     """
     if dataset not in DATASETS:
@@ -76,15 +79,24 @@ def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01,
     for name, value in dict(epsilon=epsilon, grad_decay=grad_decay).items():
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    if stage_weights is not None:
+        stage_weights = [float(w) for w in stage_weights]
+        if len(stage_weights) != stages:
+            raise ValueError(f"stage_weights has {len(stage_weights)} values but the model has "
+                             f"{stages} stages; give one weight per stage")
+        if not all(w >= 0 for w in stage_weights) or not sum(stage_weights) > 0:
+            raise ValueError(f"stage_weights must be >= 0 and not all zero, got {stage_weights}")
     refiner = build_refiner(dataset, options, stages, segment)
     model = VQDraw(refiner, spec["shape"], stages, options, loss=loss, output_scale=output_scale,
                    aux_coeff=aux_coeff, final_coeff=final_coeff, epsilon=epsilon,
                    grad_decay=grad_decay, grad_checkpoint=grad_checkpoint,
-                   mean=spec["mean"], std=spec["std"])
+                   mean=spec["mean"], std=spec["std"], stage_weights=stage_weights)
     model.config = dict(dataset=dataset, options=options, stages=stages, segment=segment,
                         aux_coeff=aux_coeff, final_coeff=final_coeff, epsilon=epsilon,
                         grad_decay=grad_decay, grad_checkpoint=grad_checkpoint,
                         output_scale=output_scale, loss=loss)
+    if stage_weights is not None:  # only when set, so published configs stay as they were
+        model.config["stage_weights"] = stage_weights
     return model
 
 

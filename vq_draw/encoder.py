@@ -27,6 +27,9 @@ class VQDraw(nn.Module):
     :param output_scale: initial value of the learned scale of the refiner output.
     :param aux_coeff: weight of the mean loss over all proposals (keeps options alive).
     :param final_coeff: weight of the last stage's loss.
+    :param stage_weights: S non-negative weights for the chosen-loss average over stages
+                          (None: the plain mean, as published). The average is normalized
+                          by their sum, so only their ratios matter.
     :param epsilon: probability of a random choice per sample and stage while training.
     :param grad_decay: 0 lets gradients flow through the reconstruction into earlier
                        stages; 1 blocks them; values between scale them by 1 - grad_decay.
@@ -36,7 +39,7 @@ class VQDraw(nn.Module):
 
     def __init__(self, refiner, shape, num_stages, options, loss="mse", output_scale=0.1,
                  aux_coeff=0.01, final_coeff=0.0, epsilon=0.0, grad_decay=0.0,
-                 grad_checkpoint=False, mean=0.0, std=1.0):
+                 grad_checkpoint=False, mean=0.0, std=1.0, stage_weights=None):
         super().__init__()
         self.refiner = refiner
         self.shape = tuple(shape)
@@ -46,6 +49,7 @@ class VQDraw(nn.Module):
         self.loss_fn = LOSSES[loss]
         self.aux_coeff = aux_coeff
         self.final_coeff = final_coeff
+        self.stage_weights = None if stage_weights is None else [float(w) for w in stage_weights]
         self.epsilon = epsilon
         self.grad_decay = grad_decay
         self.grad_checkpoint = grad_checkpoint
@@ -238,7 +242,8 @@ class VQDraw(nn.Module):
 
         :param x: [N x *shape] normalized images.
         :return: dict with "loss" (scalar to minimize), "chosen_loss" (mean over stages of the
-                 chosen proposal's loss), "aux_loss" (mean over all proposals), "final_loss"
+                 chosen proposal's loss; ``stage_weights`` weight it inside "loss" only, so
+                 the logged value stays comparable between runs), "aux_loss" (mean over all proposals), "final_loss"
                  (last stage), "stage_losses" [S], "code_entropy" [S] (nats, of the batch's
                  codes), "options_used" [S], and "codes" [N x S].
         """
@@ -248,7 +253,11 @@ class VQDraw(nn.Module):
         chosen_loss = stage_losses.mean()
         aux_loss = losses.mean()
         final_loss = stage_losses[-1]
-        loss = chosen_loss + self.aux_coeff * aux_loss + self.final_coeff * final_loss
+        weighted_loss = chosen_loss
+        if self.stage_weights is not None:
+            weights = torch.tensor(self.stage_weights, dtype=stage_losses.dtype, device=stage_losses.device)
+            weighted_loss = (stage_losses * weights).sum() / weights.sum()
+        loss = weighted_loss + self.aux_coeff * aux_loss + self.final_coeff * final_loss
         entropy, used = code_usage(codes, self.options)
         return {
             "loss": loss,

@@ -46,6 +46,12 @@ def parse_args(dataset, argv=None):
     parser.add_argument("--final-coeff", type=float, default=0.0)
     parser.add_argument("--epsilon", type=float, default=0.0)
     parser.add_argument("--grad-decay", type=float, default=0.0)
+    parser.add_argument("--stage-weights", default=None,
+                        help="comma-separated weight per stage for the loss's average over stages "
+                             "(default: the plain mean)")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune: start a new run at step 0 from this checkpoint's weights "
+                             "(and optimizer state, if saved)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file (default RUN_DIR/checkpoint.pt); resumed when it exists")
     parser.add_argument("--run-dir", default=os.path.join("runs", dataset),
@@ -69,6 +75,14 @@ def parse_args(dataset, argv=None):
         if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, "
                          f"got {getattr(args, name)}")
+    if args.stage_weights is not None:
+        try:
+            args.stage_weights = [float(w) for w in args.stage_weights.split(",")]
+        except ValueError:
+            parser.error(f"--stage-weights must be comma-separated numbers, got {args.stage_weights!r}")
+        if len(args.stage_weights) != args.stages:
+            parser.error(f"--stage-weights has {len(args.stage_weights)} values; give one per stage "
+                         f"({args.stages})")
     if args.step_limit < 0:
         parser.error(f"--step-limit must be >= 0 (0 trains forever), got {args.step_limit}")
     if args.segment is None:
@@ -85,7 +99,7 @@ def main(dataset, argv=None):
         model = create_model(dataset, options=args.options, stages=args.stages, segment=args.segment,
                              aux_coeff=args.aux_coeff, final_coeff=args.final_coeff,
                              epsilon=args.epsilon, grad_decay=args.grad_decay,
-                             grad_checkpoint=args.grad_checkpoint)
+                             grad_checkpoint=args.grad_checkpoint, stage_weights=args.stage_weights)
         model.channels_last = args.channels_last
         train = load_dataset(dataset, "train", args.data_dir)
         test = load_dataset(dataset, "test", args.data_dir)
@@ -96,7 +110,7 @@ def main(dataset, argv=None):
                          eval_interval=args.eval_interval, eval_size=args.eval_size,
                          log_interval=args.log_interval, device=args.device, seed=args.seed,
                          num_workers=args.workers, bf16=args.bf16, progress=args.progress,
-                         compile=args.compile)
+                         compile=args.compile, init_from=args.init_from)
         loop.run()
         loop.close()
     except (DataError, CheckpointError, SaveError, ValueError, FloatingPointError) as exc:

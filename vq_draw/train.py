@@ -92,6 +92,10 @@ class TrainLoop:
     :param progress: show a tqdm bar on stderr (rank 0); None shows it when stderr is a terminal.
     :param bf16: bfloat16 autocast (the choices are still made on float32 losses).
     :param compile: ``torch.compile`` the refiner networks (``compile_refiners``).
+    :param init_from: checkpoint to fine-tune: a new run (no checkpoint at ``checkpoint_path``
+                      yet) starts at step 0 from its weights, and from its optimizer state
+                      when it has one; the step, schedule and RNG are this run's own. Once the
+                      run has saved a checkpoint it resumes from that instead.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized here (NCCL for
     CUDA devices, gloo otherwise) and every process must construct and run the loop.
@@ -101,7 +105,7 @@ class TrainLoop:
                  batch_size=32, step_interval=1, lr=1e-3, lr_final=None, step_limit=None,
                  save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
                  device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
-                 progress=None, compile=False):
+                 progress=None, compile=False, init_from=None):
         for name, value, minimum in (("batch_size", batch_size, 1), ("step_interval", step_interval, 1),
                                      ("save_interval", save_interval, 1), ("log_interval", log_interval, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -151,6 +155,8 @@ class TrainLoop:
         torch.manual_seed(seed + self.rank)
         if os.path.exists(self.checkpoint_path):
             self._resume()
+        elif init_from is not None:
+            self._init_from(init_from)
         if self.world_size > 1:
             steps = self._all_gather(self.step)
             if len(set(steps)) > 1:
@@ -202,6 +208,22 @@ class TrainLoop:
             # Fresh, distinct streams per process and position, not a replay of step 0's.
             torch.manual_seed(self.seed + self.rank + self.world_size * self.step)
         self._log(f"resumed from {self.checkpoint_path} at step {self.step}")
+
+    def _init_from(self, path):
+        ckpt = read_checkpoint(path, map_location="cpu")
+        mismatch = config_mismatch(ckpt["config"], self.model.config)
+        if mismatch:
+            raise CheckpointError(f"cannot fine-tune from {path}: it is for another architecture "
+                                  f"({mismatch}); use the same settings")
+        self.model.load_state_dict(model_from_checkpoint(ckpt, path).state_dict())
+        what = "weights"
+        if "optimizer" in ckpt:
+            # Adam's moment estimates carry over, so a small learning rate continues smoothly
+            # instead of taking full-size first steps from fresh statistics.
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            what = "weights and optimizer state"
+        self._log(f"started from the {what} of {path} (step {ckpt.get('step', '?')} there); "
+                  f"this run counts its own steps from 0")
 
     def _rng_state(self):
         rng = {"torch": torch.get_rng_state()}
