@@ -195,17 +195,27 @@ def test_init_from_fine_tunes_from_step_zero_then_resumes_its_own_run(tmp_path, 
     loop.run()
     saved = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 2 and saved["config"]["stage_weights"] == [1.0, 3.0]
+    assert saved["prior_steps"] == 3  # the source's training is remembered
+    from vq_draw.export import main as export
+    export([str(tmp_path / "tuned" / "checkpoint.pt"), str(tmp_path / "tuned.pt")])
+    exported = torch.load(tmp_path / "tuned.pt", weights_only=True)
+    assert exported["trained_steps"] == 5 and exported["prior_steps"] == 3
 
     # Once the run has its own checkpoint, it resumes from that, not from init_from.
     again = make_loop(tiny_model("mnist", stages=2, stage_weights=[1.0, 3.0]), tmp_path / "tuned",
                       step_limit=2, init_from=str(tmp_path / "source" / "checkpoint.pt"))
-    assert again.step == 2 and state_equal(again.model.state_dict(), saved["model"])
+    assert again.step == 2 and again.prior_steps == 3
+    assert state_equal(again.model.state_dict(), saved["model"])
+    # A fine-tune of the export counts all 5 steps behind it.
+    assert make_loop(tiny_model("mnist", stages=2), tmp_path / "second",
+                     init_from=str(tmp_path / "tuned.pt")).prior_steps == 5
 
     # Weights only (an export) also work; another architecture is refused.
     export_model(source, str(tmp_path / "weights.pt"))
     fresh = make_loop(tiny_model("mnist", stages=2, seed=7), tmp_path / "from_export",
                       init_from=str(tmp_path / "weights.pt"))
-    assert fresh.step == 0 and state_equal(fresh.model.state_dict(), source.state_dict())
+    assert fresh.step == 0 and fresh.prior_steps == 0
+    assert state_equal(fresh.model.state_dict(), source.state_dict())
     assert not fresh.optimizer.state_dict()["state"]
     with pytest.raises(vq_draw.CheckpointError, match="another architecture"):
         make_loop(tiny_model("mnist", stages=3), tmp_path / "other",

@@ -2,7 +2,8 @@
 
 ``python -m vq_draw.export runs/mnist/checkpoint.pt pretrained/mnist_model.pt``
 drops the optimizer and RNG state and stores the weights in the file's own
-format; the step it was trained for is kept for the record.
+format; the steps it was trained for are kept for the record (``trained_steps``,
+which for a fine-tune (``--init-from``) include the ``prior_steps`` of its source).
 """
 
 import argparse
@@ -23,7 +24,9 @@ def main(argv=None):
         state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                  "config": dict(model.config), "model": model.state_dict()}
         if "step" in ckpt:
-            state["trained_steps"] = int(ckpt["step"])
+            state["trained_steps"] = int(ckpt.get("prior_steps", 0)) + int(ckpt["step"])
+            if ckpt.get("prior_steps"):
+                state["prior_steps"] = int(ckpt["prior_steps"])
             state["train"] = ckpt.get("train", {})
         save_checkpoint(args.output, state)
     except (CheckpointError, SaveError) as exc:

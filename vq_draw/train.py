@@ -94,8 +94,9 @@ class TrainLoop:
     :param compile: ``torch.compile`` the refiner networks (``compile_refiners``).
     :param init_from: checkpoint to fine-tune: a new run (no checkpoint at ``checkpoint_path``
                       yet) starts at step 0 from its weights, and from its optimizer state
-                      when it has one; the step, schedule and RNG are this run's own. Once the
-                      run has saved a checkpoint it resumes from that instead.
+                      when it has one; the step, schedule and RNG are this run's own, and
+                      checkpoints record the source's training steps as ``prior_steps``. Once
+                      the run has saved a checkpoint it resumes from that instead.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized here (NCCL for
     CUDA devices, gloo otherwise) and every process must construct and run the loop.
@@ -147,6 +148,7 @@ class TrainLoop:
                                                          else progress)
         self._bar = None
         self.step = 0
+        self.prior_steps = 0  # steps of the model this run was initialized from (init_from)
         self._log_scale = 1.0  # rescales log.csv steps when a resume rescales the step
         self.last_eval = None
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-5)
@@ -187,6 +189,7 @@ class TrainLoop:
         self.model.load_state_dict(model_from_checkpoint(ckpt, self.checkpoint_path).state_dict())
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
+        self.prior_steps = int(ckpt.get("prior_steps", 0))
         saved_world = int(ckpt.get("world_size", 1))
         saved_batch = int(ckpt.get("train", {}).get("batch_size", self.batch_size))
         if saved_world != self.world_size:
@@ -222,7 +225,13 @@ class TrainLoop:
             # instead of taking full-size first steps from fresh statistics.
             self.optimizer.load_state_dict(ckpt["optimizer"])
             what = "weights and optimizer state"
-        self._log(f"started from the {what} of {path} (step {ckpt.get('step', '?')} there); "
+        # A training checkpoint has "step", an export "trained_steps" (which already counts
+        # its own prior steps); either may itself be a fine-tune with "prior_steps".
+        if "step" in ckpt:
+            self.prior_steps = int(ckpt.get("prior_steps", 0)) + int(ckpt["step"])
+        else:
+            self.prior_steps = int(ckpt.get("trained_steps", 0))
+        self._log(f"started from the {what} of {path} ({self.prior_steps} steps of training); "
                   f"this run counts its own steps from 0")
 
     def _rng_state(self):
@@ -247,6 +256,7 @@ class TrainLoop:
             "step": self.step,
             "rng": rng,
             "world_size": self.world_size,
+            "prior_steps": self.prior_steps,
             "train": dict(batch_size=self.batch_size, step_interval=self.step_interval, lr=self.lr,
                           lr_final=self.lr_final, step_limit=self.step_limit, seed=self.seed),
         }
