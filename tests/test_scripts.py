@@ -77,6 +77,7 @@ def test_invalid_flags(dataset, flags, words, capsys):
     (["--lr", "0"], "learning rate"),
     (["--lr", "nan"], "learning rate"),
     (["--batch", "40"], "fewer than one global batch"),
+    (["--shift", "-1"], "shift must be an integer >= 0"),
 ])
 def test_invalid_training_settings(flags, words, digits, tmp_path, capsys):
     args = ["--data-dir", digits, "--run-dir", str(tmp_path), *TINY_FLAGS, *flags]

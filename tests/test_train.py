@@ -89,17 +89,18 @@ def write_png_digits(folder, count, seed=0):
     return load_dataset("mnist", "train", folder)
 
 
-@pytest.mark.parametrize("source", ["arrays", "image files"])
+@pytest.mark.parametrize("source", ["arrays", "image files", "shifted arrays"])
 def test_resume_equals_an_uninterrupted_run_bitwise(tmp_path, source, no_plots):
-    """Exploration (epsilon), the learning-rate schedule and accumulation all depend on
-    state that must survive the restart."""
-    if source == "arrays":
+    """Exploration (epsilon), random shifts, the learning-rate schedule and accumulation all
+    depend on state that must survive the restart."""
+    if source != "image files":
         train = random_dataset(12, seed=2)
     else:
         train = write_png_digits(str(tmp_path / "pngs"), 13)  # 12 train + 1 test
     test = random_dataset(3, seed=3)
     settings = dict(train_data=train, test_data=test, step_interval=2, step_limit=8,
-                    save_interval=2, eval_interval=4, eval_size=2, lr_final=0.0)
+                    save_interval=2, eval_interval=4, eval_size=2, lr_final=0.0,
+                    shift=2 if source == "shifted arrays" else 0)
 
     reference = make_loop(tiny_model("mnist", stages=2, epsilon=0.3), tmp_path / "ref", **settings)
     reference.run()
@@ -222,10 +223,27 @@ def test_init_from_fine_tunes_from_step_zero_then_resumes_its_own_run(tmp_path, 
                   init_from=str(tmp_path / "weights.pt"))
 
 
+def test_random_shift_translates_each_image_within_the_limit():
+    from vq_draw.train import random_shift
+
+    images = torch.zeros(200, 1, 9, 9)
+    images[:, 0, 4, 4] = 1.0  # one bright pixel in the middle of a black image
+    torch.manual_seed(0)
+    shifted = random_shift(images, 2)
+    assert shifted.shape == images.shape and torch.equal(shifted.sum((1, 2, 3)), images.sum((1, 2, 3)))
+    where = shifted[:, 0].flatten(1).argmax(1)
+    dy, dx = where // 9 - 4, where % 9 - 4
+    assert dy.abs().max() == 2 and dx.abs().max() == 2  # every offset in [-2, 2], extremes drawn
+    assert len(set(zip(dy.tolist(), dx.tolist()))) == 25
+    # The border is repeated, so a uniform image stays uniform.
+    assert torch.equal(random_shift(torch.full((3, 3, 8, 8), 0.5), 3), torch.full((3, 3, 8, 8), 0.5))
+
+
 def test_bad_training_settings():
     model = tiny_model("mnist", stages=1)
     for kwargs in (dict(batch_size=0), dict(step_interval=0), dict(save_interval=0),
-                   dict(step_limit=0), dict(lr=0.0), dict(lr=float("nan")), dict(batch_size=2.0)):
+                   dict(step_limit=0), dict(lr=0.0), dict(lr=float("nan")), dict(batch_size=2.0),
+                   dict(shift=-1), dict(shift=1.5)):
         with pytest.raises(ValueError):
             make_loop(model, "unused", **kwargs)
 

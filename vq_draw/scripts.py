@@ -49,6 +49,8 @@ def parse_args(dataset, argv=None):
     parser.add_argument("--stage-weights", default=None,
                         help="comma-separated weight per stage for the loss's average over stages "
                              "(default: the plain mean)")
+    parser.add_argument("--shift", type=int, default=0,
+                        help="augment: translate training images by up to this many pixels (default 0)")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune: start a new run at step 0 from this checkpoint's weights "
                              "(and optimizer state, if saved)")
@@ -110,7 +112,7 @@ def main(dataset, argv=None):
                          eval_interval=args.eval_interval, eval_size=args.eval_size,
                          log_interval=args.log_interval, device=args.device, seed=args.seed,
                          num_workers=args.workers, bf16=args.bf16, progress=args.progress,
-                         compile=args.compile, init_from=args.init_from)
+                         compile=args.compile, shift=args.shift, init_from=args.init_from)
         loop.run()
         loop.close()
     except (DataError, CheckpointError, SaveError, ValueError, FloatingPointError) as exc:

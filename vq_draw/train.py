@@ -92,6 +92,9 @@ class TrainLoop:
     :param progress: show a tqdm bar on stderr (rank 0); None shows it when stderr is a terminal.
     :param bf16: bfloat16 autocast (the choices are still made on float32 losses).
     :param compile: ``torch.compile`` the refiner networks (``compile_refiners``).
+    :param shift: augmentation: translate each training image by a random whole number of
+                  pixels in [-shift, shift] on each axis, filling with the border pixels
+                  (0 = none, as published). Drawn from the saved torch RNG, so resume is exact.
     :param init_from: checkpoint to fine-tune: a new run (no checkpoint at ``checkpoint_path``
                       yet) starts at step 0 from its weights, and from its optimizer state
                       when it has one; the step, schedule and RNG are this run's own, and
@@ -106,11 +109,13 @@ class TrainLoop:
                  batch_size=32, step_interval=1, lr=1e-3, lr_final=None, step_limit=None,
                  save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
                  device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
-                 progress=None, compile=False, init_from=None):
+                 progress=None, compile=False, shift=0, init_from=None):
         for name, value, minimum in (("batch_size", batch_size, 1), ("step_interval", step_interval, 1),
                                      ("save_interval", save_interval, 1), ("log_interval", log_interval, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
+            raise ValueError(f"shift must be an integer >= 0 (pixels), got {shift!r}")
         if step_limit is not None and (not isinstance(step_limit, int) or step_limit < 1):
             raise ValueError(f"step_limit must be a positive integer, got {step_limit!r}")
         if not lr > 0 or (lr_final is not None and not lr_final >= 0):
@@ -141,6 +146,7 @@ class TrainLoop:
         self.seed = seed
         self.num_workers = num_workers
         self.bf16 = bf16
+        self.shift = shift
         self.final_eval = final_eval
         self.quiet = quiet
         self.is_main = self.rank == 0
@@ -258,7 +264,8 @@ class TrainLoop:
             "world_size": self.world_size,
             "prior_steps": self.prior_steps,
             "train": dict(batch_size=self.batch_size, step_interval=self.step_interval, lr=self.lr,
-                          lr_final=self.lr_final, step_limit=self.step_limit, seed=self.seed),
+                          lr_final=self.lr_final, step_limit=self.step_limit, seed=self.seed,
+                          shift=self.shift),
         }
 
     def save(self):
@@ -400,7 +407,10 @@ class TrainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         sums = {}
         for i in range(micro):
-            images = next(batches).to(self.device, non_blocking=True)
+            images = next(batches)
+            if self.shift:
+                images = random_shift(images, self.shift)
+            images = images.to(self.device, non_blocking=True)
             x = self.model.normalize(images)
             # DDP: synchronize gradients only on the last micro-batch.
             sync = self.ddp_model is self.model or i == micro - 1
@@ -513,6 +523,18 @@ class TrainLoop:
                   f"{test} entropy {metrics['code_entropy']:.3f} used {metrics['options_used']:.1f}"
                   f" lr {metrics['lr']:.2e} {steps_per_sec:.2f} steps/s"
                   f" ({steps_per_sec * self.batch_size * self.world_size:.0f} img/s){left}")
+
+
+def random_shift(images, shift):
+    """Translate each image by its own random offset (dy, dx), each in [-shift, shift].
+
+    :param images: [N x C x H x W]; padding repeats the border pixels (black for MNIST).
+    :return: [N x C x H x W], drawn from the global torch RNG (on the CPU).
+    """
+    n, _, h, w = images.shape
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2)).tolist()
+    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift), mode="replicate")
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 def _duration(seconds):
