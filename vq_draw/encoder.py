@@ -244,8 +244,8 @@ class VQDraw(nn.Module):
         :return: dict with "loss" (scalar to minimize), "chosen_loss" (mean over stages of the
                  chosen proposal's loss; ``stage_weights`` weight it inside "loss" only, so
                  the logged value stays comparable between runs), "aux_loss" (mean over all
-                 proposals), "final_loss" (last stage), "stage_losses" [S], "code_entropy" [S] (nats, of the batch's
-                 codes), "options_used" [S], and "codes" [N x S].
+                 proposals), "final_loss" (last stage), "stage_losses" [S], "code_entropy"
+                 [S] (nats, of the batch's codes), "options_used" [S], and "codes" [N x S].
         """
         codes, _, losses = self.run(x)
         chosen = losses.gather(2, codes.unsqueeze(2)).squeeze(2)  # [N x S]
