@@ -163,6 +163,15 @@ def load_model(path, map_location="cpu"):
     return model.to(map_location).eval()
 
 
+def steps_behind(ckpt):
+    """All the training steps behind a checkpoint dict: a training checkpoint's ``step`` plus
+    the ``prior_steps`` of the run it was fine-tuned from, or an export's ``trained_steps``
+    (which already include them); 0 when the file does not say."""
+    if "step" in ckpt:
+        return int(ckpt.get("prior_steps", 0)) + int(ckpt["step"])
+    return int(ckpt.get("trained_steps", 0))
+
+
 def config_mismatch(saved, wanted):
     """The first architecture setting that differs, as 'name: saved vs wanted', or None."""
     for key in ARCHITECTURE_KEYS:

@@ -9,7 +9,8 @@ which for a fine-tune (``--init-from``) include the ``prior_steps`` of its sourc
 import argparse
 import sys
 
-from .config import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, model_from_checkpoint, read_checkpoint
+from .config import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, model_from_checkpoint,
+                     read_checkpoint, steps_behind)
 from .train import SaveError, save_checkpoint
 
 
@@ -24,7 +25,7 @@ def main(argv=None):
         state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                  "config": dict(model.config), "model": model.state_dict()}
         if "step" in ckpt:
-            state["trained_steps"] = int(ckpt.get("prior_steps", 0)) + int(ckpt["step"])
+            state["trained_steps"] = steps_behind(ckpt)
             if ckpt.get("prior_steps"):
                 state["prior_steps"] = int(ckpt["prior_steps"])
             state["train"] = ckpt.get("train", {})

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .config import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, config_mismatch,
-                     model_from_checkpoint, read_checkpoint)
+                     model_from_checkpoint, read_checkpoint, steps_behind)
 from .data import ArrayDataset, BatchSampler, fixed_images, iterate_batches
 from .evaluate import evaluate, format_table, merge_results
 from .files import atomic_write
@@ -111,11 +111,10 @@ class TrainLoop:
                  device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
                  progress=None, compile=False, shift=0, init_from=None):
         for name, value, minimum in (("batch_size", batch_size, 1), ("step_interval", step_interval, 1),
-                                     ("save_interval", save_interval, 1), ("log_interval", log_interval, 1)):
+                                     ("save_interval", save_interval, 1), ("log_interval", log_interval, 1),
+                                     ("shift", shift, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
-            raise ValueError(f"shift must be an integer >= 0 (pixels), got {shift!r}")
         if step_limit is not None and (not isinstance(step_limit, int) or step_limit < 1):
             raise ValueError(f"step_limit must be a positive integer, got {step_limit!r}")
         if not lr > 0 or (lr_final is not None and not lr_final >= 0):
@@ -231,12 +230,7 @@ class TrainLoop:
             # instead of taking full-size first steps from fresh statistics.
             self.optimizer.load_state_dict(ckpt["optimizer"])
             what = "weights and optimizer state"
-        # A training checkpoint has "step", an export "trained_steps" (which already counts
-        # its own prior steps); either may itself be a fine-tune with "prior_steps".
-        if "step" in ckpt:
-            self.prior_steps = int(ckpt.get("prior_steps", 0)) + int(ckpt["step"])
-        else:
-            self.prior_steps = int(ckpt.get("trained_steps", 0))
+        self.prior_steps = steps_behind(ckpt)
         self._log(f"started from the {what} of {path} ({self.prior_steps} steps of training); "
                   f"this run counts its own steps from 0")
 
