@@ -193,6 +193,14 @@ class TrainLoop:
                                   f"use the same settings or another --run-dir")
         self.model.load_state_dict(model_from_checkpoint(ckpt, self.checkpoint_path).state_dict())
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        # Changing settings on resume is allowed (e.g. a longer --step-limit), but a forgotten
+        # flag such as --shift would silently change the recipe, so say what differs.
+        changed = [f"{name} {saved!r} -> {getattr(self, name)!r}"
+                   for name, saved in ckpt.get("train", {}).items()
+                   if hasattr(self, name) and saved != getattr(self, name)]
+        if changed:
+            self._log(f"{self.checkpoint_path} was trained with other settings; this run uses "
+                      f"{', '.join(changed)}")
         self.step = int(ckpt["step"])
         self.prior_steps = int(ckpt.get("prior_steps", 0))
         saved_world = int(ckpt.get("world_size", 1))
