@@ -195,9 +195,10 @@ class TrainLoop:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         # Changing settings on resume is allowed (e.g. a longer --step-limit), but a forgotten
         # flag such as --shift would silently change the recipe, so say what differs.
-        changed = [f"{name} {saved!r} -> {getattr(self, name)!r}"
-                   for name, saved in ckpt.get("train", {}).items()
-                   if hasattr(self, name) and saved != getattr(self, name)]
+        saved = ckpt.get("train", {})
+        changed = [f"{name} {saved[name]!r} -> {value!r}"
+                   for name, value in self._train_settings().items()
+                   if name in saved and saved[name] != value]
         if changed:
             self._log(f"{self.checkpoint_path} was trained with other settings; this run uses "
                       f"{', '.join(changed)}")
@@ -265,10 +266,14 @@ class TrainLoop:
             "rng": rng,
             "world_size": self.world_size,
             "prior_steps": self.prior_steps,
-            "train": dict(batch_size=self.batch_size, step_interval=self.step_interval, lr=self.lr,
-                          lr_final=self.lr_final, step_limit=self.step_limit, seed=self.seed,
-                          shift=self.shift),
+            "train": self._train_settings(),
         }
+
+    def _train_settings(self):
+        """The recipe settings a checkpoint records (and a resume compares against)."""
+        return dict(batch_size=self.batch_size, step_interval=self.step_interval, lr=self.lr,
+                    lr_final=self.lr_final, step_limit=self.step_limit, seed=self.seed,
+                    shift=self.shift)
 
     def save(self):
         """Write the checkpoint, images and loss plot (rank 0); every process must call it."""
