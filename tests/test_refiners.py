@@ -118,3 +118,42 @@ def test_option_conv_channel_layout():
     for k in range(4):
         for c in range(3):
             assert torch.equal(out[:, k, c], flat[:, k * 3 + c])
+
+
+@pytest.mark.parametrize("dataset, overrides, segment", [
+    ("mnist", dict(stages=4), 2),               # one network -> two
+    ("mnist", dict(stages=4), 1),               # -> a network per stage
+    ("svhn", dict(stages=4, segment=4), 2),     # SVHN's per-stage heads are split too
+    ("svhn", dict(stages=4, segment=2), 1),     # already segmented -> finer
+])
+def test_split_segments_keeps_every_code_and_reconstruction(dataset, overrides, segment):
+    from conftest import random_images, tiny_model
+    from vq_draw.config import split_segments
+
+    model = tiny_model(dataset, **overrides).eval()
+    split = split_segments(model, segment).eval()
+    assert split.config == dict(model.config, segment=segment)
+    assert len(split.refiner.refiners) == model.config["stages"] // segment
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(split) > count(model)
+    # The copies are independent tensors: training one network leaves the others alone.
+    pointers = [p.data_ptr() for p in split.parameters()]
+    assert len(set(pointers)) == len(pointers)
+    assert not set(pointers) & {p.data_ptr() for p in model.parameters()}
+
+    x = random_images(model, 3)
+    with torch.no_grad():
+        codes, recons = model.encode(x, return_all=True)
+        split_codes, split_recons = split.encode(x, return_all=True)
+    assert torch.equal(codes, split_codes)
+    assert torch.equal(recons, split_recons)
+
+
+def test_split_segments_refuses_what_is_not_a_split():
+    from conftest import tiny_model
+    from vq_draw.config import split_segments
+
+    model = tiny_model("svhn", stages=4, segment=2)
+    for segment in (3, 4, 0, None):  # not a divisor of 2: a merge, or no number at all
+        with pytest.raises(ValueError, match="choose a divisor of 2"):
+            split_segments(model, segment)

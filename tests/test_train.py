@@ -223,6 +223,31 @@ def test_init_from_fine_tunes_from_step_zero_then_resumes_its_own_run(tmp_path, 
                   init_from=str(tmp_path / "weights.pt"))
 
 
+def test_init_from_splits_the_refiner_when_the_run_asks_for_a_finer_segment(tmp_path, no_plots, capsys):
+    from vq_draw.config import split_segments
+
+    source = tiny_model("mnist", stages=4)
+    make_loop(source, tmp_path / "source", step_limit=2, save_interval=2).run()
+    # --segment 2 fine-tunes the one-network model as two networks, identical at step 0.
+    loop = make_loop(tiny_model("mnist", stages=4, segment=2, seed=3), tmp_path / "split",
+                     step_limit=1, quiet=False, init_from=str(tmp_path / "source" / "checkpoint.pt"))
+    assert "into 2 networks of 2 stages" in capsys.readouterr().out
+    assert loop.step == 0 and loop.prior_steps == 2
+    assert state_equal(loop.model.state_dict(), split_segments(source, 2).state_dict())
+    assert not loop.optimizer.state_dict()["state"]  # the source's Adam state has other shapes
+    loop.run()
+    # Networks are split, never merged; other differences are still refused.
+    with pytest.raises(vq_draw.CheckpointError, match="split, not merged"):
+        make_loop(tiny_model("mnist", stages=4), tmp_path / "merge",
+                  init_from=str(tmp_path / "split" / "checkpoint.pt"))
+    with pytest.raises(vq_draw.CheckpointError, match="choose a divisor of 4"):
+        make_loop(tiny_model("mnist", stages=4, segment=3), tmp_path / "uneven",
+                  init_from=str(tmp_path / "source" / "checkpoint.pt"))
+    with pytest.raises(vq_draw.CheckpointError, match="another architecture"):
+        make_loop(tiny_model("mnist", stages=4, segment=2, options=3), tmp_path / "other",
+                  init_from=str(tmp_path / "source" / "checkpoint.pt"))
+
+
 def test_random_shift_translates_each_image_within_the_limit():
     from vq_draw.train import random_shift
 

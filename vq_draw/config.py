@@ -100,6 +100,42 @@ def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01,
     return model
 
 
+def split_segments(model, segment):
+    """A copy of ``model`` with a refiner network for every ``segment`` stages, each starting as
+    a copy of the network that ran those stages, so that its codes and reconstructions are
+    exactly those of ``model``.
+
+    Every stage still runs one network of the same size, so training the copy costs the same
+    per step while the copies specialize: more parameters at the same compute. ``segment`` must
+    divide the stages per network of ``model`` (all its stages when it has one network).
+    """
+    config = dict(model.config)
+    stages = config["stages"]
+    source_segment = config["segment"] or stages
+    if not (isinstance(segment, int) and 1 <= segment <= source_segment
+            and source_segment % segment == 0):
+        raise ValueError(f"cannot split networks of {source_segment} stages into networks of "
+                         f"{segment!r} stages; choose a divisor of {source_segment}")
+    config["segment"] = segment
+    split = create_model(**config)
+    source_nets = getattr(model.refiner, "refiners", [model.refiner])  # SegmentRefiner or one
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("refiner.")}
+    for j, net in enumerate(split.refiner.refiners):
+        first = j * segment  # the first stage network j runs
+        source = source_nets[first // source_segment].state_dict()
+        offset = first % source_segment
+        for key, wanted in net.state_dict().items():
+            value = source[key]
+            if value.shape != wanted.shape:
+                # A per-stage parameter (channel mask, per-stage head): [source_segment x ...]
+                # becomes the rows of this network's stages.
+                value = value[offset:offset + segment]
+            state[f"refiner.refiners.{j}.{key}"] = value.clone()
+    split.load_state_dict(state)
+    split.train(model.training)
+    return split
+
+
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .config import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, config_mismatch,
-                     model_from_checkpoint, read_checkpoint, steps_behind)
+                     model_from_checkpoint, read_checkpoint, split_segments, steps_behind)
 from .data import ArrayDataset, BatchSampler, fixed_images, iterate_batches
 from .evaluate import evaluate, format_table, merge_results
 from .files import atomic_write
@@ -99,7 +99,9 @@ class TrainLoop:
                       yet) starts at step 0 from its weights, and from its optimizer state
                       when it has one; the step, schedule and RNG are this run's own, and
                       checkpoints record the source's training steps as ``prior_steps``. Once
-                      the run has saved a checkpoint it resumes from that instead.
+                      the run has saved a checkpoint it resumes from that instead. A source
+                      with more stages per network than ``model`` is split into copies
+                      (``split_segments``) and the optimizer starts fresh.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized here (NCCL for
     CUDA devices, gloo otherwise) and every process must construct and run the loop.
@@ -228,13 +230,28 @@ class TrainLoop:
 
     def _init_from(self, path):
         ckpt = read_checkpoint(path, map_location="cpu")
-        mismatch = config_mismatch(ckpt["config"], self.model.config)
+        source = model_from_checkpoint(ckpt, path)
+        segment = self.model.config["segment"]
+        split = ckpt["config"].get("segment") != segment and \
+            config_mismatch({**ckpt["config"], "segment": segment}, self.model.config) is None
+        if split:
+            # Only the stages per network differ: give each block of stages its own copy.
+            try:
+                source = split_segments(source, segment)
+            except ValueError as exc:
+                raise CheckpointError(f"cannot fine-tune from {path} with segment={segment!r}: "
+                                      f"{exc} (networks can be split, not merged)") from None
+        mismatch = config_mismatch(source.config, self.model.config)
         if mismatch:
             raise CheckpointError(f"cannot fine-tune from {path}: it is for another architecture "
                                   f"({mismatch}); use the same settings")
-        self.model.load_state_dict(model_from_checkpoint(ckpt, path).state_dict())
+        self.model.load_state_dict(source.state_dict())
         what = "weights"
-        if "optimizer" in ckpt:
+        if split:
+            # Adam starts fresh: the source's moments are for fewer parameters.
+            self._log(f"split the refiner of {path} into {len(self.model.refiner.refiners)} "
+                      f"networks of {segment} stages, each a copy of the one that ran its stages")
+        elif "optimizer" in ckpt:
             # Adam's moment estimates carry over, so a small learning rate continues smoothly
             # instead of taking full-size first steps from fresh statistics.
             self.optimizer.load_state_dict(ckpt["optimizer"])
