@@ -131,7 +131,11 @@ def test_split_segments_keeps_every_code_and_reconstruction(dataset, overrides, 
     from vq_draw.config import split_segments
 
     model = tiny_model(dataset, **overrides).eval()
+    torch.manual_seed(1)
     split = split_segments(model, segment).eval()
+    after = torch.rand(4)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(4))  # the global random stream did not move
     assert split.config == dict(model.config, segment=segment)
     assert len(split.refiner.refiners) == model.config["stages"] // segment
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

@@ -117,7 +117,10 @@ def split_segments(model, segment):
         raise ValueError(f"cannot split networks of {source_segment} stages into networks of "
                          f"{segment!r} stages; choose a divisor of {source_segment}")
     config["segment"] = segment
-    split = create_model(**config)
+    with torch.random.fork_rng(devices=[]):
+        # Its random initial weights are overwritten below; drawing them must not move the
+        # caller's random stream (a fine-tune's data order would depend on how it started).
+        split = create_model(**config)
     source_nets = getattr(model.refiner, "refiners", [model.refiner])  # SegmentRefiner or one
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("refiner.")}
     for j, net in enumerate(split.refiner.refiners):
