@@ -230,21 +230,20 @@ class TrainLoop:
 
     def _init_from(self, path):
         ckpt = read_checkpoint(path, map_location="cpu")
-        source = model_from_checkpoint(ckpt, path)
         segment = self.model.config["segment"]
-        split = ckpt["config"].get("segment") != segment and \
-            config_mismatch({**ckpt["config"], "segment": segment}, self.model.config) is None
+        # Stages per network may differ (the source is then split below); nothing else may.
+        mismatch = config_mismatch(dict(ckpt["config"], segment=segment), self.model.config)
+        if mismatch:
+            raise CheckpointError(f"cannot fine-tune from {path}: it is for another architecture "
+                                  f"({mismatch}); use the same settings")
+        source = model_from_checkpoint(ckpt, path)
+        split = ckpt["config"].get("segment") != segment
         if split:
-            # Only the stages per network differ: give each block of stages its own copy.
             try:
                 source = split_segments(source, segment)
             except ValueError as exc:
                 raise CheckpointError(f"cannot fine-tune from {path} with segment={segment!r}: "
                                       f"{exc} (networks can be split, not merged)") from None
-        mismatch = config_mismatch(source.config, self.model.config)
-        if mismatch:
-            raise CheckpointError(f"cannot fine-tune from {path}: it is for another architecture "
-                                  f"({mismatch}); use the same settings")
         self.model.load_state_dict(source.state_dict())
         what = "weights"
         if split:
