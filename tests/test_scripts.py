@@ -266,3 +266,21 @@ def test_published_defaults_of_the_scripts():
     assert (celeba.stages, celeba.segment, celeba.grad_checkpoint, celeba.step_limit) == \
         (100, 10, False, 36194)
     assert scripts.parse_args("celeba", ["--stages", "4"]).segment == 4  # one network for all
+
+
+def test_evaluate_writes_the_table_and_json_also_under_bf16(trained_run, digits, tmp_path, capsys):
+    import json
+    path = os.path.join(trained_run, "checkpoint.pt")
+    results = {}
+    for flags in ([], ["--bf16"]):
+        out = tmp_path / f"eval{len(flags)}.json"
+        evaluate.main([path, "--data-dir", digits, "--device", "cpu", "--json", str(out), *flags])
+        printed = capsys.readouterr().out
+        assert "4 test images" in printed and "MSE" in printed
+        assert ("bf16 autocast" in printed) == bool(flags)
+        results[bool(flags)] = json.loads(out.read_text())
+        assert results[bool(flags)]["bf16"] == bool(flags)
+        assert len(results[bool(flags)]["mse"]) == 2
+    # Same model and images, the network in bf16: nearly the same distortion.
+    for fp32, bf16 in zip(results[False]["mse"], results[True]["mse"]):
+        assert bf16 == pytest.approx(fp32, rel=0.05)
