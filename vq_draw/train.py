@@ -287,9 +287,11 @@ class TrainLoop:
 
     def _train_settings(self):
         """The recipe settings a checkpoint records (and a resume compares against)."""
+        # bf16 is here because it changes the numbers, so a run resumed in another precision
+        # no longer repeats the uninterrupted one bit for bit.
         return dict(batch_size=self.batch_size, step_interval=self.step_interval, lr=self.lr,
                     lr_final=self.lr_final, step_limit=self.step_limit, seed=self.seed,
-                    shift=self.shift)
+                    shift=self.shift, bf16=self.bf16)
 
     def save(self):
         """Write the checkpoint, images and loss plot (rank 0); every process must call it."""
