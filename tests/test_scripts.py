@@ -2,6 +2,7 @@
 each mistake ends the command with one `error:` line, no traceback, and loses nothing."""
 
 import errno
+import json
 import os
 import shutil
 import time
@@ -270,7 +271,6 @@ def test_published_defaults_of_the_scripts():
 
 
 def test_evaluate_writes_the_table_and_json_also_under_bf16(trained_run, digits, tmp_path, capsys):
-    import json
     path = os.path.join(trained_run, "checkpoint.pt")
     results = {}
     for flags in ([], ["--bf16"]):

@@ -41,7 +41,7 @@ def evaluate(model, images, batch_size=500, device=None, progress=False, bf16=Fa
              pixels, clamped as a saved image would be), "psnr" (dB, from the mean pixel MSE),
              "entropy" (nats), "options_used"; and "count", "final_mse", "codes" [N x S].
     """
-    device = device or next(model.parameters()).device
+    device = torch.device(device or next(model.parameters()).device)
     was_training = model.training
     model.eval()
     n_stages = model.num_stages
@@ -57,7 +57,7 @@ def evaluate(model, images, batch_size=500, device=None, progress=False, bf16=Fa
     for batch in batches:
         batch = batch.to(device)
         x = model.normalize(batch)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             codes, recons = model.encode(x, return_all=True)  # [B x S], [B x S x *shape]
         dims = tuple(range(2, recons.dim()))
         sq_norm += (recons - x.unsqueeze(1)).pow(2).mean(dims).sum(0).double().cpu()
