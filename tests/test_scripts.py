@@ -137,12 +137,13 @@ def test_resume_with_other_training_settings_is_allowed(trained_run, digits, tmp
     shutil.copytree(trained_run, run_dir)
     scripts.main("mnist", ["--data-dir", digits, "--run-dir", run_dir, *TINY_FLAGS,
                            "--step-limit", "4", "--aux-coeff", "0.02", "--grad-checkpoint",
-                           "--shift", "1", "--bf16"])
+                           "--shift", "1", "--bf16", "--stage-weights", "1,3"])
     assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 4
     # The changed recipe settings are named, so a forgotten flag does not go unnoticed.
     out = capsys.readouterr().out
     assert "was trained with other settings; this run uses step_limit 2 -> 4, shift 0 -> 1, " \
-           "bf16 False -> True" in out
+           "bf16 False -> True, aux_coeff 0.01 -> 0.02, stage_weights None -> [1.0, 3.0]" in out
+    assert "grad_checkpoint" not in out  # the same gradients, so no change of recipe
 
 
 def test_resume_with_the_same_settings_names_no_change(trained_run, digits, tmp_path, capsys):

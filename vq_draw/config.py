@@ -147,6 +147,15 @@ def _check_int(name, value, minimum):
 # Settings that change the architecture; the others (coefficients, checkpointing) only
 # change training and may differ between a checkpoint and the command that resumes it.
 ARCHITECTURE_KEYS = ("dataset", "options", "stages", "segment", "loss")
+# Settings that change what training optimizes but not the weights' shapes, so a resume may
+# change them (and says so). grad_checkpoint is in neither: it gives the same gradients.
+OBJECTIVE_KEYS = ("aux_coeff", "final_coeff", "epsilon", "grad_decay", "output_scale", "stage_weights")
+
+
+def objective_settings(config):
+    """{key: value} for ``OBJECTIVE_KEYS`` in a model config; None where the config has no value
+    (``stage_weights`` is absent for the published plain mean)."""
+    return {key: config.get(key) for key in OBJECTIVE_KEYS}
 
 
 def read_checkpoint(path, map_location="cpu"):

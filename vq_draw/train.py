@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from .config import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, config_mismatch,
-                     model_from_checkpoint, read_checkpoint, split_segments, steps_behind)
+                     model_from_checkpoint, objective_settings, read_checkpoint, split_segments,
+                     steps_behind)
 from .data import ArrayDataset, BatchSampler, fixed_images, iterate_batches
 from .evaluate import evaluate, format_table, merge_results
 from .files import atomic_write
@@ -201,6 +202,10 @@ class TrainLoop:
         changed = [f"{name} {saved[name]!r} -> {value!r}"
                    for name, value in self._train_settings().items()
                    if name in saved and saved[name] != value]
+        # The loss coefficients and stage weights live in the model config.
+        changed += [f"{name} {ckpt['config'].get(name)!r} -> {value!r}"
+                    for name, value in objective_settings(self.model.config).items()
+                    if objective_settings(ckpt["config"]).get(name) != value]
         if changed:
             self._log(f"{self.checkpoint_path} was trained with other settings; this run uses "
                       f"{', '.join(changed)}")
