@@ -166,14 +166,15 @@ def main(argv=None):
     result["options"] = model.options
     reference = ORIGINAL_MNIST_MSE if model.config["dataset"] == "mnist" and \
         model.num_stages == len(ORIGINAL_MNIST_MSE) else None
-    print(f"{args.checkpoint}: {result['count']} {args.split} images, "
-          f"{time.time() - start:.1f} s{', bf16 autocast' if args.bf16 else ''}")
-    print(format_table(result, reference))
-    if args.json:
+    seconds = time.time() - start
+    if args.json:  # before printing, so a closed stdout (`| head`) does not lose the result
         out = {k: v for k, v in result.items() if k != "codes"}
         out.update(checkpoint=args.checkpoint, config=model.config, split=args.split, bf16=args.bf16)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
+    print(f"{args.checkpoint}: {result['count']} {args.split} images, "
+          f"{seconds:.1f} s{', bf16 autocast' if args.bf16 else ''}")
+    print(format_table(result, reference))
 
 
 if __name__ == "__main__":
