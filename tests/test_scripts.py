@@ -146,6 +146,17 @@ def test_resume_with_other_training_settings_is_allowed(trained_run, digits, tmp
     assert "grad_checkpoint" not in out  # the same gradients, so no change of recipe
 
 
+def test_stop_at_saves_and_stops_then_the_same_command_goes_on(digits, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    scripts.main("mnist", ["--data-dir", digits, "--run-dir", run_dir, *TINY_FLAGS, "--stop-at", "1"])
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 1
+    assert "stopped at step 1" in capsys.readouterr().out
+    scripts.main("mnist", ["--data-dir", digits, "--run-dir", run_dir, *TINY_FLAGS])
+    assert torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["step"] == 2
+    message = fails(lambda: scripts.main("mnist", ["--stop-at", "0", *TINY_FLAGS]), capsys)
+    assert "--stop-at must be a positive step" in message
+
+
 def test_resume_with_the_same_settings_names_no_change(trained_run, digits, tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     shutil.copytree(trained_run, run_dir)

@@ -127,6 +127,32 @@ def test_resume_equals_an_uninterrupted_run_bitwise(tmp_path, source, no_plots):
                        torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)["model"])
 
 
+def test_stop_at_then_resume_equals_an_uninterrupted_run(tmp_path, no_plots):
+    """stop_at saves and returns on an update boundary without touching the schedule, so the
+    run continued without it is the uninterrupted run; it stops at once when already there."""
+    settings = dict(train_data=random_dataset(12, seed=2), step_interval=2, step_limit=8,
+                    save_interval=1000, lr_final=0.0)
+    reference = make_loop(tiny_model("mnist", stages=2, epsilon=0.3), tmp_path / "ref", **settings)
+    reference.run()
+
+    first = make_loop(tiny_model("mnist", stages=2, epsilon=0.3), tmp_path / "run", stop_at=3,
+                      **settings)
+    assert first.run() is None
+    assert first.step == 4  # the update that crosses step 3 is finished, never split
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
+    again = make_loop(tiny_model("mnist", stages=2, epsilon=0.3), tmp_path / "run", stop_at=3,
+                      **settings)
+    again.run()
+    assert again.step == 4
+    rest = make_loop(tiny_model("mnist", stages=2, epsilon=0.3, seed=9), tmp_path / "run", **settings)
+    rest.run()
+    assert rest.step == 8
+    assert state_equal(rest.model.state_dict(), reference.model.state_dict())
+    assert state_equal(rest.optimizer.state_dict(), reference.optimizer.state_dict())
+    with pytest.raises(ValueError, match="stop_at must be a positive integer"):
+        make_loop(tiny_model("mnist", stages=2), tmp_path / "bad", stop_at=0)
+
+
 def test_the_step_limit_evaluates_the_whole_test_set_once(tmp_path, monkeypatch, no_plots):
     import vq_draw.train
 

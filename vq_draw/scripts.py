@@ -24,6 +24,10 @@ def parse_args(dataset, argv=None):
                         help="steps (micro-batches) to train; 0 trains forever")
     parser.add_argument("--step-interval", type=int, default=recipe["step_interval"],
                         help="micro-batches per optimizer update (loss averaged over them)")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="save and stop at this step; the learning rate still follows "
+                             "--step-limit, so a resume (with other settings, if wanted) continues "
+                             "the same schedule")
     parser.add_argument("--save-interval", type=int, default=500, help="steps between checkpoints")
     parser.add_argument("--eval-interval", type=int, default=None,
                         help="steps between held-out evaluations (default: --save-interval)")
@@ -85,6 +89,8 @@ def parse_args(dataset, argv=None):
         if len(args.stage_weights) != args.stages:
             parser.error(f"--stage-weights has {len(args.stage_weights)} values; give one per stage "
                          f"({args.stages})")
+    if args.stop_at is not None and args.stop_at < 1:
+        parser.error(f"--stop-at must be a positive step, got {args.stop_at}")
     if args.step_limit < 0:
         parser.error(f"--step-limit must be >= 0 (0 trains forever), got {args.step_limit}")
     if args.segment is None:
@@ -112,7 +118,8 @@ def main(dataset, argv=None):
                          eval_interval=args.eval_interval, eval_size=args.eval_size,
                          log_interval=args.log_interval, device=args.device, seed=args.seed,
                          num_workers=args.workers, bf16=args.bf16, progress=args.progress,
-                         compile=args.compile, shift=args.shift, init_from=args.init_from)
+                         compile=args.compile, shift=args.shift, init_from=args.init_from,
+                         stop_at=args.stop_at)
         loop.run()
         loop.close()
     except (DataError, CheckpointError, SaveError, ValueError, FloatingPointError) as exc:

@@ -96,6 +96,10 @@ class TrainLoop:
     :param shift: augmentation: translate each training image by a random whole number of
                   pixels in [-shift, shift] on each axis, filling with the border pixels
                   (0 = none, as published). Drawn from the saved torch RNG, so resume is exact.
+    :param stop_at: save a checkpoint and return at the first update boundary at or past this
+                    step, while the learning rate still follows ``step_limit``: resuming with
+                    other settings (``stage_weights``, ...) then changes a recipe mid-run
+                    reproducibly, and a long run can be trained in slices.
     :param init_from: checkpoint to fine-tune: a new run (no checkpoint at ``checkpoint_path``
                       yet) starts at step 0 from its weights, and from its optimizer state
                       when it has one; the step, schedule and RNG are this run's own, and
@@ -112,7 +116,7 @@ class TrainLoop:
                  batch_size=32, step_interval=1, lr=1e-3, lr_final=None, step_limit=None,
                  save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
                  device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
-                 progress=None, compile=False, shift=0, init_from=None):
+                 progress=None, compile=False, shift=0, init_from=None, stop_at=None):
         for name, value, minimum in (("batch_size", batch_size, 1), ("step_interval", step_interval, 1),
                                      ("save_interval", save_interval, 1), ("log_interval", log_interval, 1),
                                      ("shift", shift, 0)):
@@ -120,6 +124,9 @@ class TrainLoop:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if step_limit is not None and (not isinstance(step_limit, int) or step_limit < 1):
             raise ValueError(f"step_limit must be a positive integer, got {step_limit!r}")
+        if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int)
+                                    or stop_at < 1):
+            raise ValueError(f"stop_at must be a positive integer, got {stop_at!r}")
         if not lr > 0 or (lr_final is not None and not lr_final >= 0):
             raise ValueError(f"learning rates must be positive (lr={lr}, lr_final={lr_final})")
         device = str(device)
@@ -141,6 +148,7 @@ class TrainLoop:
         self.lr = lr
         self.lr_final = lr_final
         self.step_limit = step_limit
+        self.stop_at = stop_at
         self.save_interval = save_interval
         self.eval_interval = eval_interval or save_interval
         self.eval_size = eval_size
@@ -347,7 +355,8 @@ class TrainLoop:
         return os.path.join(self.run_dir, "log.csv")
 
     def run(self):
-        """Train until ``step_limit`` (forever without one). Returns the last evaluation."""
+        """Train until ``step_limit`` (forever without one) or ``stop_at``. Returns the last
+        evaluation (None when ``stop_at`` comes first and no evaluation was due)."""
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             _trim_log(self.log_path, self.step, self._log_scale)
@@ -364,7 +373,7 @@ class TrainLoop:
             from tqdm import tqdm
             self._bar = tqdm(total=self.step_limit, initial=self.step, unit="step", file=sys.stderr,
                              dynamic_ncols=True, smoothing=0.05)
-        while self.step_limit is None or self.step < self.step_limit:
+        while (self.step_limit is None or self.step < self.step_limit) and not self._stopped:
             terms = self._update(batches)
             if self._bar is not None:
                 self._bar.update(self._last_update_size)
@@ -386,15 +395,24 @@ class TrainLoop:
                                evaluated)
                 totals, count = {}, 0
                 last_time, last_step = now, self.step
-            if self._crossed(self.save_interval) or done:
+            if self._crossed(self.save_interval) or done or self._stopped:
                 self.save()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self.final_eval and self.step_limit is not None and not final_done:
+        if self._stopped:
+            self._log(f"stopped at step {self.step} (stop_at {self.stop_at}); the same command "
+                      f"without it, or with a later one, resumes")
+        elif self.final_eval and self.step_limit is not None and not final_done:
             # A run resumed at its step limit: evaluate without training.
             self.last_eval = self._evaluate(self._test_size, final=True)
         return self.last_eval
+
+    @property
+    def _stopped(self):
+        # Reaching the step limit is the end of the run, not a stop.
+        return (self.stop_at is not None and self.step >= self.stop_at
+                and (self.step_limit is None or self.step < self.step_limit))
 
     @property
     def _test_size(self):
