@@ -211,9 +211,10 @@ class TrainLoop:
                    for name, value in self._train_settings().items()
                    if name in saved and saved[name] != value]
         # The loss coefficients and stage weights live in the model config.
-        changed += [f"{name} {ckpt['config'].get(name)!r} -> {value!r}"
+        saved_objective = objective_settings(ckpt["config"])
+        changed += [f"{name} {saved_objective[name]!r} -> {value!r}"
                     for name, value in objective_settings(self.model.config).items()
-                    if objective_settings(ckpt["config"]).get(name) != value]
+                    if saved_objective[name] != value]
         if changed:
             self._log(f"{self.checkpoint_path} was trained with other settings; this run uses "
                       f"{', '.join(changed)}")
