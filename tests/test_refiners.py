@@ -91,6 +91,24 @@ def test_segment_refiner_uses_one_network_per_block_of_stages():
         assert not torch.allclose(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
+def test_segment_refiner_with_unequal_blocks():
+    """segment=[1, 2, 1]: stage 0 runs network 0, stages 1-2 network 1 (local 0, 1), stage 3
+    network 2; each network is built for its own number of stages."""
+    torch.manual_seed(0)
+    refiner = build_refiner("svhn", 4, 4, [1, 2, 1])
+    assert [net.head.weight.shape[0] for net in refiner.refiners] == [1, 2, 1]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(refiner(x, 2), refiner.refiners[1](x, 1))
+        assert torch.equal(refiner(x, 3), refiner.refiners[2](x, 0))
+        before = [refiner(x, t) for t in range(4)]
+        for p in refiner.refiners[1].parameters():
+            p.add_(torch.randn_like(p))
+        after = [refiner(x, t) for t in range(4)]
+    changed = [not torch.equal(b, a) for b, a in zip(before, after)]
+    assert changed == [False, True, True, False]
+
+
 @pytest.mark.parametrize("transpose, kernel, stride", [(False, 3, 1), (False, 5, 2), (True, 4, 2)])
 def test_masked_conv_folding_equals_conv_then_mask(transpose, kernel, stride):
     torch.manual_seed(0)
@@ -125,6 +143,8 @@ def test_option_conv_channel_layout():
     ("mnist", dict(stages=4), 1),               # -> a network per stage
     ("svhn", dict(stages=4, segment=4), 2),     # SVHN's per-stage heads are split too
     ("svhn", dict(stages=4, segment=2), 1),     # already segmented -> finer
+    ("svhn", dict(stages=4, segment=2), [2, 1, 1]),  # unequal blocks: stage 4 alone
+    ("mnist", dict(stages=4), [1, 3]),          # one network -> unequal blocks
 ])
 def test_split_segments_keeps_every_code_and_reconstruction(dataset, overrides, segment):
     from conftest import random_images, tiny_model
@@ -137,7 +157,8 @@ def test_split_segments_keeps_every_code_and_reconstruction(dataset, overrides, 
     torch.manual_seed(1)
     assert torch.equal(after, torch.rand(4))  # the global random stream did not move
     assert split.config == dict(model.config, segment=segment)
-    assert len(split.refiner.refiners) == model.config["stages"] // segment
+    blocks = [segment] * (model.config["stages"] // segment) if isinstance(segment, int) else segment
+    assert len(split.refiner.refiners) == len(blocks)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(split) > count(model)
     # The copies are independent tensors: training one network leaves the others alone.
@@ -158,6 +179,8 @@ def test_split_segments_refuses_what_is_not_a_split():
     from vq_draw.config import split_segments
 
     model = tiny_model("svhn", stages=4, segment=2)
-    for segment in (3, 4, 0, None):  # not a divisor of 2: a merge, or no number at all
+    # Not a divisor of 2, a merge, no number at all, a block across the networks' boundary
+    # (stages 2-3), or blocks that do not cover the 4 stages.
+    for segment in (3, 4, 0, None, [1, 2, 1], [2, 1], [2, 2, 1], [2, 0, 2]):
         with pytest.raises(ValueError, match="choose a divisor of 2"):
             split_segments(model, segment)

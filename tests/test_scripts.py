@@ -61,6 +61,9 @@ def trained_run(tmp_path_factory, digits):
     ("svhn", ["--stages", "4", "--segment", "5"], "--segment"),
     ("cifar10", ["--segment", "0"], "--segment"),
     ("celeba", ["--stages", "5", "--segment", "10"], "--segment"),
+    ("mnist", ["--segment", "4,1"], "must sum to --stages"),
+    ("mnist", ["--segment", "4,x,5"], "--segment"),
+    ("mnist", ["--segment", "0,10"], "--segment"),
     ("mnist", ["--batch", "two"], "--batch"),
     ("mnist", ["--epsilon", "1.5"], "epsilon"),
     ("mnist", ["--aux-coeff", "nan"], "aux_coeff"),
@@ -280,6 +283,8 @@ def test_published_defaults_of_the_scripts():
     assert (celeba.stages, celeba.segment, celeba.grad_checkpoint, celeba.step_limit) == \
         (100, 10, False, 36194)
     assert scripts.parse_args("celeba", ["--stages", "4"]).segment == 4  # one network for all
+    assert scripts.parse_args("mnist", ["--segment", "4,1,5"]).segment == [4, 1, 5]
+    assert scripts.parse_args("mnist", ["--segment", "5"]).segment == 5
 
 
 def test_evaluate_writes_the_table_and_json_also_under_bf16(trained_run, digits, tmp_path, capsys):

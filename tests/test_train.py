@@ -16,7 +16,7 @@ import torch
 import vq_draw
 from vq_draw.data import ArrayDataset, ImageFileDataset, fixed_images, load_dataset
 from vq_draw.train import SaveError, TrainLoop, export_model, learning_rate, save_checkpoint
-from conftest import REPO, script_env, state_equal, tiny_model, write_npz
+from conftest import REPO, random_images, script_env, state_equal, tiny_model, write_npz
 
 
 def random_dataset(count, shape=(1, 28, 28), seed=0):
@@ -269,9 +269,44 @@ def test_init_from_splits_the_refiner_when_the_run_asks_for_a_finer_segment(tmp_
     with pytest.raises(vq_draw.CheckpointError, match="choose a divisor of 4"):
         make_loop(tiny_model("mnist", stages=4, segment=3), tmp_path / "uneven",
                   init_from=str(tmp_path / "source" / "checkpoint.pt"))
+    with pytest.raises(vq_draw.CheckpointError, match="choose a divisor of 2"):  # crosses 2 | 3
+        make_loop(tiny_model("mnist", stages=4, segment=[1, 2, 1]), tmp_path / "across",
+                  init_from=str(tmp_path / "split" / "checkpoint.pt"))
     with pytest.raises(vq_draw.CheckpointError, match="another architecture"):
         make_loop(tiny_model("mnist", stages=4, segment=2, options=3), tmp_path / "other",
                   init_from=str(tmp_path / "source" / "checkpoint.pt"))
+
+
+def test_a_run_with_unequal_segments_splits_resumes_and_exports(tmp_path, no_plots, capsys):
+    """--segment 2,1,1 from a two-network run: stage 4 gets a network of its own, identical at
+    step 0; the run resumes into the same steps as an uninterrupted one, and its export loads
+    with weights_only and encodes like the trained model."""
+    from vq_draw.config import split_segments
+
+    source = tiny_model("mnist", stages=4, segment=2)
+    make_loop(source, tmp_path / "source", step_limit=2, save_interval=2).run()
+    init = str(tmp_path / "source" / "checkpoint.pt")
+    whole = make_loop(tiny_model("mnist", stages=4, segment=[2, 1, 1], seed=3), tmp_path / "whole",
+                      step_limit=4, save_interval=2, quiet=False, init_from=init)
+    assert "into 3 networks of 2,1,1 stages" in capsys.readouterr().out
+    assert state_equal(whole.model.state_dict(), split_segments(source, [2, 1, 1]).state_dict())
+    whole.run()
+    halves = make_loop(tiny_model("mnist", stages=4, segment=[2, 1, 1], seed=3), tmp_path / "halves",
+                       step_limit=4, save_interval=2, stop_at=2, init_from=init)
+    halves.run()
+    resumed = make_loop(tiny_model("mnist", stages=4, segment=[2, 1, 1], seed=5), tmp_path / "halves",
+                        step_limit=4, save_interval=2, init_from=init)
+    assert resumed.step == 2
+    resumed.run()
+    assert state_equal(resumed.model.state_dict(), whole.model.state_dict())
+
+    export_model(whole.model, str(tmp_path / "model.pt"))
+    saved = torch.load(str(tmp_path / "model.pt"), map_location="cpu", weights_only=True)
+    assert saved["config"]["segment"] == [2, 1, 1]
+    loaded = vq_draw.load_model(str(tmp_path / "model.pt")).eval()
+    x = random_images(loaded, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), whole.model.eval().encode(x))
 
 
 def test_random_shift_translates_each_image_within_the_limit():

@@ -8,6 +8,7 @@ published training recipe. Everything else is shared.
 import torch
 
 from .encoder import VQDraw
+from .nn import segment_sizes
 from .refiners import REFINERS, build_refiner
 
 DATASETS = {
@@ -54,8 +55,9 @@ def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01,
     :param options: K, proposals per stage (>= 2).
     :param stages: S (>= 1); None gives the published value.
     :param segment: stages per refiner network; None gives the published value, or ``stages``
-                    when that is smaller (MNIST: one network for all stages). Must be between 1
-                    and ``stages``.
+                    when that is smaller (MNIST: one network for all stages). An int between 1
+                    and ``stages``, or a list of block sizes summing to ``stages`` for networks
+                    of unequal length (e.g. [4, 1, 5]).
     :param stage_weights: one non-negative weight per stage for the training loss's average
                           over stages (not all zero); None for the published plain mean.
     :return: a ``VQDraw`` module in training mode, with ``model.config`` holding these arguments.
@@ -69,10 +71,7 @@ def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01,
     _check_int("stages", stages, 1)
     segment = default_segment(dataset, stages) if segment is None else segment
     if segment is not None:
-        _check_int("segment", segment, 1)
-        if segment > stages:
-            raise ValueError(f"segment ({segment}) must not exceed stages ({stages}): each block of "
-                             f"'segment' stages gets its own network")
+        segment = _check_segment(segment, stages)
     for name, value in dict(aux_coeff=aux_coeff, final_coeff=final_coeff).items():
         if not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
@@ -101,42 +100,84 @@ def create_model(dataset, options=64, stages=None, segment=None, aux_coeff=0.01,
 
 
 def split_segments(model, segment):
-    """A copy of ``model`` with a refiner network for every ``segment`` stages, each starting as
-    a copy of the network that ran those stages, so that its codes and reconstructions are
-    exactly those of ``model``.
+    """A copy of ``model`` with a refiner network for every block of ``segment`` stages, each
+    starting as a copy of the network that ran those stages, so that its codes and
+    reconstructions are exactly those of ``model``.
 
     Every stage still runs one network of the same size, so training the copy costs the same
-    per step while the copies specialize: more parameters at the same compute. ``segment`` must
-    divide the stages per network of ``model`` (all its stages when it has one network).
+    per step while the copies specialize: more parameters at the same compute. Each new block
+    must lie inside one network of ``model``: ``segment`` an int dividing its stages per network
+    (all its stages when it has one network), or a list of block sizes such as [4, 1, 5] for a
+    model of two networks of 5.
     """
     config = dict(model.config)
     stages = config["stages"]
-    source_segment = config["segment"] or stages
-    if not (isinstance(segment, int) and 1 <= segment <= source_segment
-            and source_segment % segment == 0):
-        raise ValueError(f"cannot split networks of {source_segment} stages into networks of "
-                         f"{segment!r} stages; choose a divisor of {source_segment}")
-    config["segment"] = segment
+    source_sizes = segment_sizes(stages, config["segment"] or stages)
+    old = _describe(config["segment"] or stages)
+    refused = ValueError(f"cannot split networks of {old} stages into networks of {_describe(segment)} "
+                         f"stages; choose a divisor of {old}, or stage counts (e.g. 4,1,5) whose "
+                         f"networks each take their stages from one old network")
+    try:
+        sizes = segment_sizes(stages, _check_segment(segment, stages))
+    except (TypeError, ValueError):
+        raise refused from None
+    source_starts, starts = _block_starts(source_sizes), _block_starts(sizes)
+    # Each new network copies the one that ran its first stage, so it must also have run the
+    # rest: no old network may start inside a new one. (Networks are built at an int segment's
+    # full length, so a copy must also fit that length.)
+    sources = [max(i for i, s in enumerate(source_starts) if s <= first) for first in starts]
+    lengths = _built_lengths(config["segment"] or stages, source_sizes), _built_lengths(segment, sizes)
+    if not set(source_starts) <= set(starts) or any(
+            first - source_starts[i] + length > lengths[0][i]
+            for first, i, length in zip(starts, sources, lengths[1])):
+        raise refused
+    config["segment"] = segment if isinstance(segment, int) else list(segment)
     with torch.random.fork_rng(devices=[]):
         # Its random initial weights are overwritten below; drawing them must not move the
         # caller's random stream (a fine-tune's data order would depend on how it started).
         split = create_model(**config)
     source_nets = getattr(model.refiner, "refiners", [model.refiner])  # SegmentRefiner or one
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("refiner.")}
-    for j, net in enumerate(split.refiner.refiners):
-        first = j * segment  # the first stage network j runs
-        source = source_nets[first // source_segment].state_dict()
-        offset = first % source_segment
+    for j, (net, first, source_index) in enumerate(zip(split.refiner.refiners, starts, sources)):
+        source = source_nets[source_index].state_dict()
+        offset = first - source_starts[source_index]
         for key, wanted in net.state_dict().items():
             value = source[key]
             if value.shape != wanted.shape:
-                # A per-stage parameter (channel mask, per-stage head): [source_segment x ...]
+                # A per-stage parameter (channel mask, per-stage head): [source stages x ...]
                 # becomes the rows of this network's stages.
-                value = value[offset:offset + segment]
+                value = value[offset:offset + wanted.shape[0]]
             state[f"refiner.refiners.{j}.{key}"] = value.clone()
     split.load_state_dict(state)
     split.train(model.training)
     return split
+
+
+def _built_lengths(segment, sizes):
+    return [segment] * len(sizes) if isinstance(segment, int) else sizes
+
+
+def _block_starts(sizes):
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def _describe(segment):
+    return ",".join(map(str, segment)) if isinstance(segment, (list, tuple)) else str(segment)
+
+
+def _check_segment(segment, stages):
+    """``segment`` checked: an int in [1, stages], or a list of positive ints summing to stages."""
+    if isinstance(segment, (list, tuple)):
+        if not segment or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in segment) \
+                or sum(segment) != stages:
+            raise ValueError(f"segment {list(segment)} must be positive stage counts summing to "
+                             f"stages ({stages}), one per network")
+        return list(segment)  # a list, so configs compare and save alike
+    _check_int("segment", segment, 1)
+    if segment > stages:
+        raise ValueError(f"segment ({segment}) must not exceed stages ({stages}): each block of "
+                         f"'segment' stages gets its own network")
+    return segment
 
 
 def _check_int(name, value, minimum):

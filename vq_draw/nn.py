@@ -168,23 +168,44 @@ class Refiner(nn.Module):
         return self.options(self.features(x, stage), stage, choices)
 
 
-class SegmentRefiner(nn.Module):
-    """Gives each block of ``segment`` consecutive stages its own refiner.
+def segment_sizes(num_stages, segment):
+    """Stages per network: ``segment`` as a list of block sizes.
 
-    Stage t runs network ``t // segment`` at its local stage ``t % segment``.
+    :param segment: an int (every network runs that many stages, the last one the rest) or a
+                    sequence of positive ints that sum to ``num_stages`` (unequal blocks, e.g.
+                    [4, 1, 5] gives stage 5 a network of its own).
+    :return: a list of ints summing to ``num_stages``.
+    """
+    if isinstance(segment, int):
+        return [min(segment, num_stages - start) for start in range(0, num_stages, segment)]
+    return [int(size) for size in segment]
+
+
+class SegmentRefiner(nn.Module):
+    """Gives each block of consecutive stages its own refiner.
+
+    With an int ``segment``, stage t runs network ``t // segment`` at its local stage
+    ``t % segment``; a list of block sizes gives the blocks unequal lengths.
     """
 
     def __init__(self, make_refiner, num_stages, segment):
         super().__init__()
         self.segment = segment
-        count = -(-num_stages // segment)
-        self.refiners = nn.ModuleList(make_refiner(segment) for _ in range(count))
+        sizes = segment_sizes(num_stages, segment)
+        # Built at the segment's full length even for a shorter last block, as before, so that
+        # an int segment keeps the parameter shapes of existing checkpoints.
+        lengths = [segment] * len(sizes) if isinstance(segment, int) else sizes
+        self.refiners = nn.ModuleList(make_refiner(length) for length in lengths)
+        # stage -> (network, local stage), looked up on every call.
+        self._where = [(j, local) for j, size in enumerate(sizes) for local in range(size)]
 
     def features(self, x, stage):
-        return self.refiners[stage // self.segment].features(x, stage % self.segment)
+        j, local = self._where[stage]
+        return self.refiners[j].features(x, local)
 
     def options(self, h, stage, choices=None):
-        return self.refiners[stage // self.segment].options(h, stage % self.segment, choices)
+        j, local = self._where[stage]
+        return self.refiners[j].options(h, local, choices)
 
     def forward(self, x, stage, choices=None):
         return self.options(self.features(x, stage), stage, choices)

@@ -42,8 +42,9 @@ def parse_args(dataset, argv=None):
                              + ("constant" if recipe["lr_final"] is None else str(recipe["lr_final"])) + ")")
     parser.add_argument("--stages", type=int, default=spec["stages"])
     parser.add_argument("--options", type=int, default=64)
-    parser.add_argument("--segment", type=int, default=None,
-                        help="stages per refiner network (default: "
+    parser.add_argument("--segment", type=_segment, default=None,
+                        help="stages per refiner network, or comma-separated stages of each network "
+                             "for unequal blocks (e.g. 4,1,5) (default: "
                              + ("one network for all stages" if spec["segment"] is None else
                                 f"{spec['segment']}, or --stages when fewer") + ")")
     parser.add_argument("--aux-coeff", type=float, default=0.01)
@@ -95,9 +96,23 @@ def parse_args(dataset, argv=None):
         parser.error(f"--step-limit must be >= 0 (0 trains forever), got {args.step_limit}")
     if args.segment is None:
         args.segment = default_segment(dataset, args.stages)
-    if args.segment is not None and not 1 <= args.segment <= args.stages:
+    if isinstance(args.segment, int) and not 1 <= args.segment <= args.stages:
         parser.error(f"--segment must be between 1 and --stages ({args.stages}), got {args.segment}")
+    if isinstance(args.segment, list) and sum(args.segment) != args.stages:
+        parser.error(f"--segment {','.join(map(str, args.segment))} covers {sum(args.segment)} stages; "
+                     f"its stage counts must sum to --stages ({args.stages})")
     return args
+
+
+def _segment(text):
+    """--segment: "5" (networks of 5 stages) or "4,1,5" (one network per listed block)."""
+    try:
+        sizes = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints, got {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError(f"stage counts must be >= 1, got {text!r}")
+    return sizes[0] if len(sizes) == 1 and "," not in text else sizes
 
 
 def main(dataset, argv=None):

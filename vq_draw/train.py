@@ -263,7 +263,8 @@ class TrainLoop:
         if split:
             # Adam starts fresh: the source's moments are for fewer parameters.
             self._log(f"split the refiner of {path} into {len(self.model.refiner.refiners)} "
-                      f"networks of {segment} stages, each a copy of the one that ran its stages")
+                      f"networks of {','.join(map(str, segment)) if isinstance(segment, list) else segment} "
+                      f"stages, each a copy of the one that ran its stages")
         elif "optimizer" in ckpt:
             # Adam's moment estimates carry over, so a small learning rate continues smoothly
             # instead of taking full-size first steps from fresh statistics.
