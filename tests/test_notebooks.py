@@ -86,7 +86,7 @@ def _shipped_steps():
 @needs_model
 def test_readme_shows_the_shipped_models_evaluation():
     """The README's evaluation table is the one saved in images/mnist_eval.json, and its status
-    names the shipped model's step, so a model update cannot leave the README's numbers behind."""
+    names the shipped model's training steps, so a model update cannot leave the README's numbers behind."""
     import json
 
     from vq_draw.evaluate import ORIGINAL_MNIST_MSE, format_table
@@ -97,7 +97,7 @@ def test_readme_shows_the_shipped_models_evaluation():
     assert format_table(result, ORIGINAL_MNIST_MSE) in readme, \
         "README's evaluation table differs from images/mnist_eval.json"
     steps = _shipped_steps()
-    assert f"step {steps:,} of 50,000" in readme, f"README does not name the shipped step {steps:,}"
+    assert f"trained for {steps:,} steps" in readme, f"README does not name the shipped model's {steps:,} steps"
 
 
 @needs_model
