@@ -8,7 +8,7 @@ published training recipe. Everything else is shared.
 import torch
 
 from .encoder import VQDraw
-from .nn import segment_sizes
+from .nn import segment_lengths, segment_sizes
 from .refiners import REFINERS, build_refiner
 
 DATASETS = {
@@ -112,26 +112,27 @@ def split_segments(model, segment):
     """
     config = dict(model.config)
     stages = config["stages"]
-    source_sizes = segment_sizes(stages, config["segment"] or stages)
-    old = _describe(config["segment"] or stages)
-    refused = ValueError(f"cannot split networks of {old} stages into networks of {_describe(segment)} "
-                         f"stages; choose a divisor of {old}, or stage counts (e.g. 4,1,5) whose "
-                         f"networks each take their stages from one old network")
+    source_segment = config["segment"] or stages
+    old = describe_segment(source_segment)
+    refused = ValueError(f"cannot split networks of {old} stages into networks of "
+                         f"{describe_segment(segment)} stages; choose a divisor of {old}, or stage "
+                         f"counts (e.g. 4,1,5) whose networks each take their stages from one old network")
     try:
-        sizes = segment_sizes(stages, _check_segment(segment, stages))
+        segment = _check_segment(segment, stages)
     except (TypeError, ValueError):
         raise refused from None
-    source_starts, starts = _block_starts(source_sizes), _block_starts(sizes)
+    source_starts = _block_starts(segment_sizes(stages, source_segment))
+    starts = _block_starts(segment_sizes(stages, segment))
     # Each new network copies the one that ran its first stage, so it must also have run the
-    # rest: no old network may start inside a new one. (Networks are built at an int segment's
-    # full length, so a copy must also fit that length.)
+    # rest: no old network may start inside a new one, and the copy's per-stage rows must fit
+    # in the ones its source was built with.
     sources = [max(i for i, s in enumerate(source_starts) if s <= first) for first in starts]
-    lengths = _built_lengths(config["segment"] or stages, source_sizes), _built_lengths(segment, sizes)
+    source_lengths = segment_lengths(stages, source_segment)
     if not set(source_starts) <= set(starts) or any(
-            first - source_starts[i] + length > lengths[0][i]
-            for first, i, length in zip(starts, sources, lengths[1])):
+            first - source_starts[i] + length > source_lengths[i]
+            for first, i, length in zip(starts, sources, segment_lengths(stages, segment))):
         raise refused
-    config["segment"] = segment if isinstance(segment, int) else list(segment)
+    config["segment"] = segment
     with torch.random.fork_rng(devices=[]):
         # Its random initial weights are overwritten below; drawing them must not move the
         # caller's random stream (a fine-tune's data order would depend on how it started).
@@ -153,15 +154,12 @@ def split_segments(model, segment):
     return split
 
 
-def _built_lengths(segment, sizes):
-    return [segment] * len(sizes) if isinstance(segment, int) else sizes
-
-
 def _block_starts(sizes):
     return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
-def _describe(segment):
+def describe_segment(segment):
+    """``segment`` as the --segment flag spells it: "5" or "4,1,5"."""
     return ",".join(map(str, segment)) if isinstance(segment, (list, tuple)) else str(segment)
 
 

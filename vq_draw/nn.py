@@ -181,6 +181,14 @@ def segment_sizes(num_stages, segment):
     return [int(size) for size in segment]
 
 
+def segment_lengths(num_stages, segment):
+    """The stages each network is built for: its block's size, except that with an int
+    ``segment`` a shorter last block still gets a network of ``segment`` stages (unused rows),
+    which keeps the parameter shapes of existing checkpoints."""
+    sizes = segment_sizes(num_stages, segment)
+    return [segment] * len(sizes) if isinstance(segment, int) else sizes
+
+
 class SegmentRefiner(nn.Module):
     """Gives each block of consecutive stages its own refiner.
 
@@ -190,12 +198,8 @@ class SegmentRefiner(nn.Module):
 
     def __init__(self, make_refiner, num_stages, segment):
         super().__init__()
-        self.segment = segment
         sizes = segment_sizes(num_stages, segment)
-        # Built at the segment's full length even for a shorter last block, as before, so that
-        # an int segment keeps the parameter shapes of existing checkpoints.
-        lengths = [segment] * len(sizes) if isinstance(segment, int) else sizes
-        self.refiners = nn.ModuleList(make_refiner(length) for length in lengths)
+        self.refiners = nn.ModuleList(make_refiner(n) for n in segment_lengths(num_stages, segment))
         # stage -> (network, local stage), looked up on every call.
         self._where = [(j, local) for j, size in enumerate(sizes) for local in range(size)]
 

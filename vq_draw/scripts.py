@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .config import DATASETS, CheckpointError, create_model, default_segment
+from .config import DATASETS, CheckpointError, create_model, default_segment, describe_segment
 from .data import DataError, load_dataset
 from .train import SaveError, TrainLoop
 
@@ -99,7 +99,7 @@ def parse_args(dataset, argv=None):
     if isinstance(args.segment, int) and not 1 <= args.segment <= args.stages:
         parser.error(f"--segment must be between 1 and --stages ({args.stages}), got {args.segment}")
     if isinstance(args.segment, list) and sum(args.segment) != args.stages:
-        parser.error(f"--segment {','.join(map(str, args.segment))} covers {sum(args.segment)} stages; "
+        parser.error(f"--segment {describe_segment(args.segment)} covers {sum(args.segment)} stages; "
                      f"its stage counts must sum to --stages ({args.stages})")
     return args
 
@@ -112,7 +112,7 @@ def _segment(text):
         raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints, got {text!r}") from None
     if any(n < 1 for n in sizes):
         raise argparse.ArgumentTypeError(f"stage counts must be >= 1, got {text!r}")
-    return sizes[0] if len(sizes) == 1 and "," not in text else sizes
+    return sizes[0] if len(sizes) == 1 else sizes
 
 
 def main(dataset, argv=None):

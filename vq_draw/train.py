@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from .config import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, config_mismatch,
-                     model_from_checkpoint, objective_settings, read_checkpoint, split_segments,
-                     steps_behind)
+                     describe_segment, model_from_checkpoint, objective_settings, read_checkpoint,
+                     split_segments, steps_behind)
 from .data import ArrayDataset, BatchSampler, fixed_images, iterate_batches
 from .evaluate import evaluate, format_table, merge_results
 from .files import atomic_write
@@ -263,8 +263,8 @@ class TrainLoop:
         if split:
             # Adam starts fresh: the source's moments are for fewer parameters.
             self._log(f"split the refiner of {path} into {len(self.model.refiner.refiners)} "
-                      f"networks of {','.join(map(str, segment)) if isinstance(segment, list) else segment} "
-                      f"stages, each a copy of the one that ran its stages")
+                      f"networks of {describe_segment(segment)} stages, each a copy of the one that ran its "
+                      f"stages")
         elif "optimizer" in ckpt:
             # Adam's moment estimates carry over, so a small learning rate continues smoothly
             # instead of taking full-size first steps from fresh statistics.
