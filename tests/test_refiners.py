@@ -34,6 +34,48 @@ def test_parameter_counts_match_the_paper(dataset):
         assert abs(one - per_segment) / per_segment < 0.01, f"{dataset}: {one:,} per segment"
 
 
+# The original implementation's exact counts at K = 64 with the published stages and segments
+# (every segment network there has its own output scale).
+ORIGINAL_COUNTS = {"mnist": 537_793, "svhn": 7_200_260, "cifar10": 88_852_618, "celeba": 38_358_922}
+
+
+@pytest.mark.parametrize("dataset", DATASET_NAMES)
+def test_parameter_counts_equal_the_originals_exactly(dataset):
+    with torch.device("meta"):
+        model = vq_draw.create_model(dataset, options=64)
+    assert sum(p.numel() for p in model.parameters()) == ORIGINAL_COUNTS[dataset]
+
+
+def test_each_segment_network_has_its_own_output_scale():
+    torch.manual_seed(0)
+    model = vq_draw.create_model("svhn", options=4, stages=5, segment=2)  # networks of 2, 2, 1
+    assert model.output_scale.shape == (3,) and torch.all(model.output_scale == 0.1)
+    with torch.no_grad():
+        model.output_scale.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    assert [model.scale(t).item() for t in range(5)] == pytest.approx([0.1, 0.1, 0.2, 0.2, 0.3])
+    # Only the network that runs a stage gets a gradient through that stage's scale.
+    model.train()
+    x = model.normalize(torch.rand(2, *model.shape))
+    model.training_losses(x)["loss"].backward()
+    assert torch.all(model.output_scale.grad != 0)
+    assert vq_draw.create_model("mnist", options=4, stages=2).output_scale.dim() == 0
+
+
+def test_checkpoints_with_one_shared_scale_load_with_the_same_outputs():
+    # Before each network had its own scale, one scalar was shared by all of them.
+    torch.manual_seed(0)
+    model = vq_draw.create_model("svhn", options=4, stages=4, segment=2).eval()
+    with torch.no_grad():
+        model.output_scale.fill_(0.37)
+    old = dict(model.state_dict(), output_scale=torch.tensor(0.37))
+    fresh = vq_draw.create_model("svhn", options=4, stages=4, segment=2).eval()
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.output_scale, torch.full((2,), 0.37))
+    x = model.normalize(torch.rand(3, *model.shape))
+    assert torch.equal(fresh.encode(x), model.encode(x))
+    assert torch.equal(fresh.reconstruct(x), model.reconstruct(x))
+
+
 def test_published_settings():
     expected = {"mnist": (10, None, 0.1), "svhn": (20, 5, 0.1), "cifar10": (100, 10, 0.01),
                 "celeba": (100, 10, 0.01)}

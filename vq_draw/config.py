@@ -19,7 +19,8 @@ DATASETS = {
     ),
     "svhn": dict(
         shape=(3, 32, 32), mean=0.5, std=0.5, stages=20, segment=5, output_scale=0.1,
-        train=dict(batch=32, step_limit=70000, step_interval=16, lr_final=None, grad_checkpoint=False),
+        # The original's --lr-final defaults to 0, and its SVHN command does not set it.
+        train=dict(batch=32, step_limit=70000, step_interval=16, lr_final=0.0, grad_checkpoint=False),
     ),
     "cifar10": dict(
         shape=(3, 32, 32), mean=0.5, std=0.5, stages=100, segment=10, output_scale=0.01,
@@ -138,7 +139,11 @@ def split_segments(model, segment):
         # caller's random stream (a fine-tune's data order would depend on how it started).
         split = create_model(**config)
     source_nets = getattr(model.refiner, "refiners", [model.refiner])  # SegmentRefiner or one
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("refiner.")}
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("refiner.") and k != "output_scale"}
+    # Each network keeps the output scale of the network it copies.
+    scale = model.output_scale.detach()
+    state["output_scale"] = torch.stack([scale if scale.dim() == 0 else scale[i] for i in sources])
     for j, (net, first, source_index) in enumerate(zip(split.refiner.refiners, starts, sources)):
         source = source_nets[source_index].state_dict()
         offset = first - source_starts[source_index]

@@ -24,7 +24,9 @@ class VQDraw(nn.Module):
     :param num_stages: S, the number of stages (code length).
     :param options: K, the number of proposals per stage.
     :param loss: name of a per-sample loss in ``losses.LOSSES``.
-    :param output_scale: initial value of the learned scale of the refiner output.
+    :param output_scale: initial value of the learned scale of the refiner output; a refiner
+                         of several networks (``nn.SegmentRefiner``) has one scale per network,
+                         as in the original.
     :param aux_coeff: weight of the mean loss over all proposals (keeps options alive).
     :param final_coeff: weight of the last stage's loss.
     :param stage_weights: S non-negative weights for the chosen-loss average over stages
@@ -56,7 +58,11 @@ class VQDraw(nn.Module):
         # Run the refiner on channels_last activations: faster convolutions (oneDNN on the
         # CPU, tensor cores on a GPU); the values are the same either way.
         self.channels_last = True
-        self.output_scale = nn.Parameter(torch.tensor(float(output_scale)))
+        # One scalar for one network; [networks] for a SegmentRefiner, each stage scaled by the
+        # entry of the network that runs it (``scale``).
+        self._scale_index = getattr(refiner, "network_of_stage", None)
+        networks = () if self._scale_index is None else (len(refiner.refiners),)
+        self.output_scale = nn.Parameter(torch.full(networks, float(output_scale)))
         self.stage0_bias = nn.Parameter(torch.zeros(options, *self.shape))
         channels = self.shape[0]
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).expand(channels)
@@ -77,6 +83,21 @@ class VQDraw(nn.Module):
 
     # ------------------------------------------------------------------ stages
 
+    def scale(self, stage):
+        """The output scale of the network that runs ``stage``: a scalar tensor."""
+        if self._scale_index is None:
+            return self.output_scale
+        return self.output_scale[self._scale_index[stage]]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before each network had its own scale hold one scalar shared by
+        # all networks: every network starts from it, so the outputs are unchanged.
+        key = prefix + "output_scale"
+        old = state_dict.get(key)
+        if old is not None and old.dim() == 0 and self.output_scale.dim() == 1:
+            state_dict[key] = old.expand_as(self.output_scale).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _layout(self, recon):
         """The reconstruction as the refiner's input, in channels_last when enabled."""
         if self.channels_last and recon.dim() == 4 and recon.stride(1) != 1:
@@ -91,14 +112,14 @@ class VQDraw(nn.Module):
         Encoding and decoding both go through here, so they compute bit-identical
         reconstructions.
         """
-        out = recon + self.output_scale * delta
+        out = recon + self.scale(stage) * delta
         if stage == 0:
             out = out + self.stage0_bias.index_select(0, choices)
         return out
 
     def _proposals(self, recon, deltas, stage):
         """All proposals: [N x *shape], [N x K x *shape] -> [N x K x *shape]."""
-        out = recon.unsqueeze(1) + self.output_scale * deltas
+        out = recon.unsqueeze(1) + self.scale(stage) * deltas
         if stage == 0:
             out = out + self.stage0_bias
         return out
@@ -116,14 +137,15 @@ class VQDraw(nn.Module):
             # Half-precision outputs are widened; a float64 model stays in float64.
             dtype = torch.promote_types(target.dtype, torch.float32)
             deltas, recon, target = deltas.to(dtype), recon.to(dtype), target.to(dtype)
+            scale = self.scale(stage)
             if self.loss_name == "mse" and stage > 0:
                 if choose is not None:
-                    return mse_options_pick(recon - target, deltas, self.output_scale, choose)
-                return mse_options(recon - target, deltas, self.output_scale)
+                    return mse_options_pick(recon - target, deltas, scale, choose)
+                return mse_options(recon - target, deltas, scale)
             if self.loss_name == "mse":
                 # Stage 0: every image starts from zeros, so all rows of deltas are the same
                 # K options and the proposals differ from the reconstruction by a shared change.
-                shared = self.output_scale * deltas[0] + self.stage0_bias.to(dtype)
+                shared = scale * deltas[0] + self.stage0_bias.to(dtype)
                 losses = mse_shared_options(recon - target, shared)
             else:
                 losses = self.loss_fn(self._proposals(recon, deltas, stage), target)
@@ -242,13 +264,17 @@ class VQDraw(nn.Module):
 
         :param x: [N x *shape] normalized images.
         :return: dict with "loss" (scalar to minimize), "chosen_loss" (mean over stages of the
-                 chosen proposal's loss; ``stage_weights`` weight it inside "loss" only, so
-                 the logged value stays comparable between runs), "aux_loss" (mean over all
+                 best proposal's loss, the chosen one's unless exploring; ``stage_weights``
+                 weight it inside "loss" only, so the logged value stays comparable between
+                 runs), "aux_loss" (mean over all
                  proposals), "final_loss" (last stage), "stage_losses" [S], "code_entropy"
                  [S] (nats, of the batch's codes), "options_used" [S], and "codes" [N x S].
         """
         codes, _, losses = self.run(x)
-        chosen = losses.gather(2, codes.unsqueeze(2)).squeeze(2)  # [N x S]
+        # With exploration (epsilon > 0) a stage may continue from a random option, but its
+        # loss is still the best option's, as in the original; without it the two are the same.
+        best = losses.detach().argmin(2) if self.training and self.epsilon > 0 else codes
+        chosen = losses.gather(2, best.unsqueeze(2)).squeeze(2)  # [N x S]
         stage_losses = chosen.mean(0)
         chosen_loss = stage_losses.mean()
         aux_loss = losses.mean()

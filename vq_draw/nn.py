@@ -202,6 +202,7 @@ class SegmentRefiner(nn.Module):
         self.refiners = nn.ModuleList(make_refiner(n) for n in segment_lengths(num_stages, segment))
         # stage -> (network, local stage), looked up on every call.
         self._where = [(j, local) for j, size in enumerate(sizes) for local in range(size)]
+        self.network_of_stage = [j for j, _ in self._where]
 
     def features(self, x, stage):
         j, local = self._where[stage]

@@ -471,7 +471,11 @@ class TrainLoop:
                 sums[key] = sums.get(key, 0.0) + terms[key].detach()
             sums["code_entropy"] = sums.get("code_entropy", 0.0) + terms["code_entropy"].mean()
             sums["options_used"] = sums.get("options_used", 0.0) + terms["options_used"].float().mean()
-        self.optimizer.step()
+        if micro == self.step_interval:
+            self.optimizer.step()
+        # else: the micro-batches left before step_limit are fewer than an update's. As in the
+        # original (CIFAR-10's 34,811 = 2,175 x 16 + 11), they are trained and logged, but
+        # their gradients are not applied.
         self.step += micro
         self._last_update_size = micro
         # Metrics stay on the device: converting them here would wait for the GPU every step.
