@@ -16,7 +16,7 @@ from vq_draw import codec
 from vq_draw.cli import main, to_uint8
 from vq_draw.data import load_image
 from vq_draw.rate_distortion import format_table, read_csv
-from vq_draw.train import export_model
+from vq_draw.checkpoint import export_model
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import vq_draw
 from conftest import random_images, tiny_model
 from vq_draw import codec
 from vq_draw.codec import HEADER_SIZE, CodecError
-from vq_draw.train import export_model
+from vq_draw.checkpoint import export_model
 
 
 def forge(fingerprint=b"\0" * 8, shape=(1, 28, 28), options=4, stages=3, count=1, payload=b"",

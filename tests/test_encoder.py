@@ -45,69 +45,6 @@ def test_encoding_fewer_stages_gives_a_prefix():
         assert torch.equal(model.reconstruct(x, num_stages=n), recons[:, n - 1])
 
 
-def naive_greedy(model, x):
-    """The greedy encoder written as plainly as possible: every option of every stage is a
-    separate call of the refiner on the current reconstruction, then a Python argmin."""
-    n = len(x)
-    recon = torch.zeros_like(x)
-    codes = torch.zeros(n, model.num_stages, dtype=torch.long)
-    losses = torch.zeros(n, model.num_stages, model.options, dtype=x.dtype)
-    for stage in range(model.num_stages):
-        proposals = []
-        for k in range(model.options):
-            choice = torch.full((n,), k, dtype=torch.long)
-            delta = model.refiner(recon, stage, choice)  # [N x *shape]
-            proposal = recon + model.output_scale * delta
-            if stage == 0:
-                proposal = proposal + model.stage0_bias[k]
-            proposals.append(proposal)
-            losses[:, stage, k] = ((proposal - x) ** 2).flatten(1).mean(1)
-        for i in range(n):
-            best = min(range(model.options), key=lambda k: losses[i, stage, k].item())
-            codes[i, stage] = best
-        recon = torch.stack([proposals[codes[i, stage]][i] for i in range(n)])
-    return codes, recon, losses
-
-
-# MNIST (one network) and SVHN (segments, a head per stage) cover the encoder's paths;
-# the larger networks plug into the same code and would only make this slower.
-@pytest.mark.parametrize("dataset", ["mnist", "svhn"])
-def test_batched_greedy_choice_equals_a_naive_loop_over_options(dataset):
-    # float64 so that the comparison of losses can be tight and argmins cannot flip.
-    stages = dict(mnist=3, svhn=3)[dataset]  # SVHN: segments of 2, so stage 2 starts the second
-    model = tiny_model(dataset, stages=stages, final_coeff=0.5).double().eval()
-    x = random_images(model, 2, seed=2).double()
-    with torch.no_grad():
-        codes, recon, losses = naive_greedy(model, x)
-        run_codes, run_recon, run_losses = model.run(x)
-        terms = model.training_losses(x)
-    # All options actually compete: the naive loop does not pick one option everywhere.
-    assert len(set(codes.flatten().tolist())) > 1
-    assert torch.equal(run_codes, codes)
-    assert torch.equal(model.encode(x), codes)
-    torch.testing.assert_close(run_losses, losses, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(run_recon, recon, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(model.reconstruct(x), recon, rtol=1e-10, atol=1e-12)
-
-    # The loss terms of the spec, from the naive losses.
-    chosen = losses.gather(2, codes.unsqueeze(2)).squeeze(2)  # [N x S]
-    stage_losses = chosen.mean(0)
-    expected = stage_losses.mean() + model.aux_coeff * losses.mean() + 0.5 * stage_losses[-1]
-    torch.testing.assert_close(terms["loss"], expected)
-    torch.testing.assert_close(terms["chosen_loss"], stage_losses.mean())
-    torch.testing.assert_close(terms["aux_loss"], losses.mean())
-    torch.testing.assert_close(terms["final_loss"], stage_losses[-1])
-    torch.testing.assert_close(terms["stage_losses"], stage_losses)
-    assert torch.equal(terms["codes"], codes)
-    # Code-usage statistics per stage, counted by hand.
-    for t in range(model.num_stages):
-        column = codes[:, t].tolist()
-        counts = [column.count(k) for k in set(column)]
-        entropy = -sum(c / len(column) * math.log(c / len(column)) for c in counts)
-        assert terms["options_used"][t].item() == len(counts)
-        assert terms["code_entropy"][t].item() == pytest.approx(entropy, abs=1e-6)
-
-
 def test_code_usage_extremes():
     codes = torch.tensor([[0, 1], [0, 2], [0, 3], [0, 0]])
     entropy, used = vq_draw.code_usage(codes, 4)
@@ -335,7 +272,7 @@ def test_stage_weights_travel_in_the_config(tmp_path):
     model = tiny_model("mnist", stage_weights=[1, 2, 3])
     assert model.config["stage_weights"] == [1.0, 2.0, 3.0]
     assert "stage_weights" not in tiny_model("mnist").config  # published configs are unchanged
-    from vq_draw.train import export_model
+    from vq_draw.checkpoint import export_model
     export_model(model, str(tmp_path / "m.pt"))
     assert vq_draw.load_model(str(tmp_path / "m.pt")).stage_weights == [1.0, 2.0, 3.0]
 

@@ -10,7 +10,7 @@ import torch
 
 from vq_draw import codec
 from vq_draw.files import atomic_write
-from vq_draw.train import save_checkpoint
+from vq_draw.checkpoint import save_checkpoint
 
 
 def dead_pid():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vq_draw import load_model
-from vq_draw.config import CHECKPOINT_FORMAT
+from vq_draw.checkpoint import CHECKPOINT_FORMAT
 from vq_draw.data import DataError, load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

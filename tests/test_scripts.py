@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vq_draw import evaluate, scripts
-from vq_draw.config import CheckpointError, load_model
+from vq_draw.checkpoint import CheckpointError, load_model
 from conftest import REPO, run_script, write_npz
 
 TINY_FLAGS = ["--stages", "2", "--options", "4", "--batch", "2", "--step-limit", "2",

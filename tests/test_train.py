@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import vq_draw
+from vq_draw.checkpoint import SaveError, export_model, save_checkpoint
 from vq_draw.data import ArrayDataset, ImageFileDataset, fixed_images, load_dataset
-from vq_draw.train import SaveError, TrainLoop, export_model, learning_rate, save_checkpoint
+from vq_draw.train import TrainLoop, learning_rate
 from conftest import REPO, random_images, script_env, state_equal, tiny_model, write_npz
 
 

@@ -13,7 +13,7 @@ same weights:
   ``decode``): channel masks folded into the convolution weights, the proposal losses
   without materializing the proposals (``losses.mse_options``), decoding that computes
   only the chosen option (``OptionConv.select``), channels_last activations;
-- **reference**: the same math written straightforwardly (``reference_*`` below): all
+- **reference**: the same math written straightforwardly (``vq_draw/reference.py``): all
   K proposals materialized, per-option MSE by broadcasting, the chosen proposal picked
   by advanced indexing, decoding through the full network, masks applied as a separate
   multiply (``MaskedConv.fold_mask = False``), default NCHW layout.
@@ -28,21 +28,20 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from .config import (DATASETS, CheckpointError, create_model, default_segment, load_model,
-                     read_checkpoint)
+from .checkpoint import CheckpointError, load_model, read_checkpoint
+from .config import DATASETS, create_model, default_segment
 from .data import DataError, load_dataset
 from .nn import MaskedConv
+# The plain implementation (reference.py); "reference" below names the model copy it runs on.
+from . import reference as plain
 
 ARCHITECTURES = ("mnist", "svhn", "cifar10", "celeba")
 
@@ -66,93 +65,6 @@ SETTINGS = {
               for name in ARCHITECTURES},
 }
 MEASURES = ("train", "train_ckpt", "encode", "decode")
-
-
-# ---------------------------------------------------------------------- the reference
-
-
-@contextmanager
-def unfolded_masks(model):
-    """Apply every channel mask as a separate multiply (``MaskedConv.fold_mask = False``)."""
-    convs = [m for m in model.modules() if isinstance(m, MaskedConv)]
-    saved = [m.fold_mask for m in convs]
-    for m in convs:
-        m.fold_mask = False
-    try:
-        yield model
-    finally:
-        for m, value in zip(convs, saved):
-            m.fold_mask = value
-
-
-def reference_stage(model, recon, target, stage):
-    """One stage, straightforwardly: all K proposals [N x K x *shape] and their MSE.
-
-    :return: (chosen proposal [N x *shape], choices [N], losses [N x K]).
-    """
-    deltas = model.refiner.options(model.refiner.features(recon, stage), stage)  # [N x K x *shape]
-    proposals = recon.unsqueeze(1) + model.output_scale * deltas
-    if stage == 0:
-        proposals = proposals + model.stage0_bias
-    losses = (proposals - target.unsqueeze(1)).pow(2).flatten(2).mean(2)
-    choices = losses.detach().argmin(1)
-    return proposals[torch.arange(len(target), device=target.device), choices], choices, losses
-
-
-def _reference_chunk(model, recon, target, start, stop):
-    codes, losses = [], []
-    for stage in range(start, stop):
-        recon, choices, stage_losses = reference_stage(model, recon, target, stage)
-        codes.append(choices)
-        losses.append(stage_losses)
-    return recon, torch.stack(codes, 1), torch.stack(losses, 1)
-
-
-def reference_run(model, x, grad_checkpoint=False):
-    """``VQDraw.run`` without exploration: (codes [N x S], reconstruction, losses [N x S x K])."""
-    stages = model.num_stages
-    chunk = max(1, round(math.sqrt(stages))) if grad_checkpoint and torch.is_grad_enabled() else stages
-    recon = torch.zeros_like(x)
-    codes, losses = [], []
-    for start in range(0, stages, chunk):
-        stop = min(start + chunk, stages)
-        if chunk < stages:
-            recon, c, l = checkpoint(_reference_chunk, model, recon, x, start, stop, use_reentrant=False)
-        else:
-            recon, c, l = _reference_chunk(model, recon, x, start, stop)
-        codes.append(c)
-        losses.append(l)
-    return torch.cat(codes, 1), recon, torch.cat(losses, 1)
-
-
-def reference_loss(model, x, grad_checkpoint=False):
-    """The training objective of ``VQDraw.training_losses``: (loss, codes, losses [N x S x K])."""
-    codes, _, losses = reference_run(model, x, grad_checkpoint)
-    stage_losses = losses.gather(2, codes.unsqueeze(2)).squeeze(2).mean(0)
-    loss = stage_losses.mean() + model.aux_coeff * losses.mean() + model.final_coeff * stage_losses[-1]
-    return loss, codes, losses
-
-
-@torch.no_grad()
-def reference_encode(model, x):
-    """Greedy codes [N x S] and the final reconstruction [N x *shape]."""
-    codes, recon, _ = reference_run(model, x)
-    return codes, recon
-
-
-@torch.no_grad()
-def reference_decode(model, codes):
-    """Decode through the full network, picking each stage's proposal by indexing."""
-    n = len(codes)
-    rows = torch.arange(n, device=codes.device)
-    recon = torch.zeros(n, *model.shape, device=codes.device)
-    for stage in range(codes.shape[1]):
-        deltas = model.refiner.options(model.refiner.features(recon, stage), stage)
-        proposals = recon.unsqueeze(1) + model.output_scale * deltas
-        if stage == 0:
-            proposals = proposals + model.stage0_bias
-        recon = proposals[rows, codes[:, stage]]
-    return recon
 
 
 # ---------------------------------------------------------------------- models and steps
@@ -198,7 +110,7 @@ def train_step(model, optimizer, x, reference=False, grad_checkpoint=False):
     """One training step (forward, backward, Adam); returns the loss."""
     optimizer.zero_grad(set_to_none=True)
     if reference:
-        loss = reference_loss(model, x, grad_checkpoint)[0]
+        loss = plain.training_loss(model, x, grad_checkpoint)[0]
     else:
         model.grad_checkpoint = grad_checkpoint
         loss = model(x)["loss"]
@@ -219,7 +131,7 @@ def check_agreement(model, reference, x, codes=None):
     terms = model(x)
     model.zero_grad(set_to_none=True)
     terms["loss"].backward()
-    loss, ref_codes, ref_losses = reference_loss(reference, x)
+    loss, ref_codes, ref_losses = plain.training_loss(reference, x)
     reference.zero_grad(set_to_none=True)
     loss.backward()
     _, _, losses = model.run(x)
@@ -232,10 +144,10 @@ def check_agreement(model, reference, x, codes=None):
     model.eval()
     reference.eval()
     enc_codes, enc_recons = model.encode(x, return_all=True)
-    ref_enc_codes, ref_recon = reference_encode(reference, x)
+    ref_enc_codes, ref_recon = plain.encode(reference, x)
     codes = enc_codes if codes is None else codes
     decoded = model.decode(codes)
-    ref_decoded = reference_decode(reference, codes)
+    ref_decoded = plain.decode(reference, codes)
     model.train()
     reference.train()
     return {
@@ -344,11 +256,11 @@ def _run_measure(measure, model, reference, settings, device, impl_is_reference)
         x = target.normalize(_images(settings["dataset"], settings["batch"], device,
                                      data_dir=settings.get("data_dir")))
         if impl_is_reference:
-            return lambda: reference_encode(target, x), None
+            return lambda: plain.encode(target, x), None
         return lambda: target.encode(x), None
     codes = _codes(target, settings["batch"], device)
     if impl_is_reference:
-        return lambda: reference_decode(target, codes), None
+        return lambda: plain.decode(target, codes), None
     return lambda: target.decode(codes), None
 
 

@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .config import CheckpointError
+    from .checkpoint import CheckpointError
     from .data import DataError
     try:
         args.run(args)
@@ -278,7 +278,7 @@ def run_rd(args):
 
 
 def _load_model(path, device):
-    from .config import load_model
+    from .checkpoint import load_model
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return load_model(path, map_location=device)

@@ -1,4 +1,4 @@
-"""The per-dataset table, and building or loading a model from a config.
+"""The per-dataset table, and building a model from a config (loading one: ``checkpoint``).
 
 Dataset differences are data: one ``DATASETS`` entry per dataset gives the image
 shape, normalization, refiner, published stages/segment/output scale and the
@@ -9,7 +9,7 @@ import torch
 
 from .encoder import VQDraw
 from .nn import segment_lengths, segment_sizes
-from .refiners import REFINERS, build_refiner
+from .refiners import build_refiner
 
 DATASETS = {
     "mnist": dict(
@@ -31,14 +31,6 @@ DATASETS = {
         train=dict(batch=32, step_limit=36194, step_interval=16, lr_final=None, grad_checkpoint=True),
     ),
 }
-
-CHECKPOINT_FORMAT = "vq-draw-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: corrupt, foreign, or for another architecture."""
-
 
 def default_segment(dataset, stages):
     """Stages per refiner network when none is given: the published segment, or ``stages`` when
@@ -186,87 +178,3 @@ def _check_segment(segment, stages):
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-# Settings that change the architecture; the others (coefficients, checkpointing) only
-# change training and may differ between a checkpoint and the command that resumes it.
-ARCHITECTURE_KEYS = ("dataset", "options", "stages", "segment", "loss")
-# Settings that change what training optimizes but not the weights' shapes, so a resume may
-# change them (and says so). grad_checkpoint is in neither: it gives the same gradients.
-OBJECTIVE_KEYS = ("aux_coeff", "final_coeff", "epsilon", "grad_decay", "output_scale", "stage_weights")
-
-
-def objective_settings(config):
-    """{key: value} for ``OBJECTIVE_KEYS`` in a model config; None where the config has no value
-    (``stage_weights`` is absent for the published plain mean)."""
-    return {key: config.get(key) for key in OBJECTIVE_KEYS}
-
-
-def read_checkpoint(path, map_location="cpu"):
-    """Load and validate a checkpoint file: a dict with "format", "config" and "model".
-
-    Raises ``CheckpointError`` with a one-line reason for anything else.
-    """
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        text = str(exc).strip()
-        if "Unsupported global" in text:
-            # A readable pickle, but of arbitrary Python objects: never unpickled here.
-            raise CheckpointError(f"{path} is not a VQ-DRAW checkpoint: it holds Python objects, not "
-                                  f"only tensors, and is not loaded for safety") from None
-        if "WeightsUnpickler error:" in text:  # skip torch's paragraph about weights_only
-            text = text.split("WeightsUnpickler error:", 1)[1].strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
-                              f"not a PyTorch checkpoint ({reason[:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a VQ-DRAW checkpoint (no '{CHECKPOINT_FORMAT}' "
-                              f"format tag); was it written by another program?")
-    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}, newer than this "
-                              f"vq_draw understands ({CHECKPOINT_VERSION}); upgrade vq_draw")
-    config = ckpt.get("config")
-    if not isinstance(config, dict) or config.get("dataset") not in REFINERS or \
-            not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{path} lacks a valid model config or weights")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild the model described by a validated checkpoint dict and load its weights."""
-    try:
-        model = create_model(**ckpt["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} has an invalid model config: {exc}") from None
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match its config "
-                              f"({str(exc).splitlines()[0][:200]})") from None
-    return model
-
-
-def load_model(path, map_location="cpu"):
-    """Rebuild a model from a checkpoint alone; returned in eval mode on ``map_location``."""
-    model = model_from_checkpoint(read_checkpoint(path, map_location), path)
-    return model.to(map_location).eval()
-
-
-def steps_behind(ckpt):
-    """All the training steps behind a checkpoint dict: a training checkpoint's ``step`` plus
-    the ``prior_steps`` of the run it was fine-tuned from, or an export's ``trained_steps``
-    (which already include them); 0 when the file does not say."""
-    if "step" in ckpt:
-        return int(ckpt.get("prior_steps", 0)) + int(ckpt["step"])
-    return int(ckpt.get("trained_steps", 0))
-
-
-def config_mismatch(saved, wanted):
-    """The first architecture setting that differs, as 'name: saved vs wanted', or None."""
-    for key in ARCHITECTURE_KEYS:
-        if saved.get(key) != wanted.get(key):
-            return f"{key}={saved.get(key)!r} in the checkpoint but {key}={wanted.get(key)!r} requested"
-    return None

@@ -86,7 +86,7 @@ NOTEBOOKS = ("mnist_demo.ipynb", "mnist_classify.ipynb")
 
 
 def main(argv=None):
-    from .config import CheckpointError, load_model
+    from .checkpoint import CheckpointError, load_model
     from .data import DataError, load_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -10,9 +10,10 @@ import sys
 
 import torch
 
-from .config import DATASETS, CheckpointError, create_model, default_segment, describe_segment
+from .checkpoint import CheckpointError, SaveError
+from .config import DATASETS, create_model, default_segment, describe_segment
 from .data import DataError, load_dataset
-from .train import SaveError, TrainLoop
+from .train import TrainLoop
 
 
 def parse_args(dataset, argv=None):

@@ -26,36 +26,12 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from .config import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, config_mismatch,
-                     describe_segment, model_from_checkpoint, objective_settings, read_checkpoint,
-                     split_segments, steps_behind)
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, SaveError,
+                         config_mismatch, model_from_checkpoint, objective_settings, read_checkpoint,
+                         save_checkpoint, steps_behind)
+from .config import describe_segment, split_segments
 from .data import ArrayDataset, BatchSampler, fixed_images, iterate_batches
 from .evaluate import evaluate, format_table, merge_results
-from .files import atomic_write
-
-
-class SaveError(RuntimeError):
-    """A checkpoint could not be written; the previous one is left intact."""
-
-
-def save_checkpoint(path, state):
-    """Write ``state`` to ``path`` atomically (``files.atomic_write``).
-
-    A crash or a full disk in the middle leaves the previous checkpoint untouched.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    try:
-        atomic_write(path, lambda f: torch.save(state, f))
-    except OSError as exc:
-        raise SaveError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
-                        f"checkpoint is intact") from None
-
-
-def export_model(model, path):
-    """Save weights and config only (no optimizer state): a small file for ``load_model``."""
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                           "config": dict(model.config), "model": model.state_dict()})
 
 
 def compile_refiners(model):
@@ -203,7 +179,7 @@ class TrainLoop:
             raise CheckpointError(f"{self.checkpoint_path} is for another architecture: {mismatch}; "
                                   f"use the same settings or another --run-dir")
         self.model.load_state_dict(model_from_checkpoint(ckpt, self.checkpoint_path).state_dict())
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_optimizer(ckpt["optimizer"])
         # Changing settings on resume is allowed (e.g. a longer --step-limit), but a forgotten
         # flag such as --shift would silently change the recipe, so say what differs.
         saved = ckpt.get("train", {})
@@ -268,11 +244,21 @@ class TrainLoop:
         elif "optimizer" in ckpt:
             # Adam's moment estimates carry over, so a small learning rate continues smoothly
             # instead of taking full-size first steps from fresh statistics.
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self._load_optimizer(ckpt["optimizer"])
             what = "weights and optimizer state"
         self.prior_steps = steps_behind(ckpt)
         self._log(f"started from the {what} of {path} ({self.prior_steps} steps of training); "
                   f"this run counts its own steps from 0")
+
+    def _load_optimizer(self, state):
+        self.optimizer.load_state_dict(state)
+        # Adam statistics of a checkpoint with one output scale shared by all networks (see
+        # VQDraw._load_from_state_dict): every network's scale starts from them.
+        scale = self.model.output_scale
+        moments = self.optimizer.state.get(scale, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in moments and moments[key].shape != scale.shape:
+                moments[key] = moments[key].expand_as(scale).clone()
 
     def _rng_state(self):
         rng = {"torch": torch.get_rng_state()}
