@@ -5,6 +5,11 @@ reconstruction ``r`` starts at zeros; at stage t the refiner looks at ``r`` (nev
 at ``x``) and proposes K variations ``r + scale * f_k(r, t)`` (plus a learned bias
 at stage 0). The encoder keeps the proposal closest to ``x`` and records its index.
 The code is the S indices; decoding replays the stages with the recorded indices.
+
+``reference.py`` states the same algorithm in plain PyTorch; read it first. This module
+computes the same codes, losses and gradients faster (no materialized proposals, the
+refiner run once per distinct input at stages 0 and 1, only the chosen option when
+decoding), and tests/test_reference.py holds it to the plain version.
 """
 
 import math

@@ -74,7 +74,6 @@ class _OptionMSE(torch.autograd.Function):
         n, k = deltas.shape[:2]
         size = residual[0].numel()
         grad = grad * (2 / size)  # [N x K]
-        expand = (n, k) + (1,) * (deltas.dim() - 2)
         grad_residual = grad_deltas = grad_scale = None
         if ctx.needs_input_grad[0]:
             # sum_k g_k (e + s f_k)
