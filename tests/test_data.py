@@ -218,6 +218,12 @@ def test_missing_data_fails_fast_naming_dataset_and_folder(tmp_path, no_download
     assert "\n" not in message
     assert dataset in message and str(tmp_path) in message
     assert data.TORCHVISION_LAYOUT[dataset] in message  # what to put there
+    # The reason in brackets says what failed (MNIST's used to be cut to an empty "...gz:").
+    reason = message.split("); put ", 1)[0].rsplit(" (", 1)[1]
+    if download:
+        assert "refused" in reason or "not reachable" in reason, reason
+    else:
+        assert "not found" in reason, reason
 
 
 def test_unresponsive_server_times_out(tmp_path, monkeypatch):

@@ -245,36 +245,10 @@ def test_bad_num_stages_are_rejected(mnist):
     (dict(dataset="mnist", epsilon=1.5), "epsilon"),
     (dict(dataset="mnist", grad_decay=-0.1), "grad_decay"),
     (dict(dataset="mnist", aux_coeff=float("nan")), "aux_coeff"),
-    (dict(dataset="mnist", stages=3, stage_weights=[1, 1]), "one weight per stage"),
-    (dict(dataset="mnist", stages=2, stage_weights=[1, -1]), "stage_weights"),
-    (dict(dataset="mnist", stages=2, stage_weights=[0, 0]), "not all zero"),
 ])
 def test_bad_model_settings_are_rejected(kwargs, words):
     with pytest.raises(ValueError, match=words):
         vq_draw.create_model(**kwargs)
-
-
-def test_stage_weights_weight_the_average_over_stages():
-    """Equal weights give the published mean exactly; other weights give the weighted average,
-    and the logged chosen_loss stays the plain mean."""
-    plain = tiny_model("mnist", aux_coeff=0.0).double()
-    x = random_images(plain, count=3).double()
-    base = plain.training_losses(x)
-    for weights in ([2.0, 2.0, 2.0], [1.0, 0.0, 3.0]):
-        model = tiny_model("mnist", aux_coeff=0.0, stage_weights=weights).double()
-        terms = model.training_losses(x)
-        expected = (base["stage_losses"] * torch.tensor(weights, dtype=torch.float64)).sum() / sum(weights)
-        assert torch.allclose(terms["loss"], expected, rtol=1e-12, atol=0)
-        assert torch.equal(terms["chosen_loss"], base["chosen_loss"])
-
-
-def test_stage_weights_travel_in_the_config(tmp_path):
-    model = tiny_model("mnist", stage_weights=[1, 2, 3])
-    assert model.config["stage_weights"] == [1.0, 2.0, 3.0]
-    assert "stage_weights" not in tiny_model("mnist").config  # published configs are unchanged
-    from vq_draw.checkpoint import export_model
-    export_model(model, str(tmp_path / "m.pt"))
-    assert vq_draw.load_model(str(tmp_path / "m.pt")).stage_weights == [1.0, 2.0, 3.0]
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "svhn"])
@@ -290,8 +264,9 @@ def test_bf16_autocast_encoding_decodes_exactly_and_stays_close(dataset):
         decoded = model.decode(codes16)
     assert recons16.dtype == torch.float32
     assert torch.equal(decoded, recons16[:, -1])
-    mse32 = (recons32[:, -1] - x).pow(2).mean()
-    mse16 = (recons16[:, -1] - x).pow(2).mean()
+    # Floats, not 0-d tensors: pytest.approx stopped accepting tensors in pytest 9.2.
+    mse32 = (recons32[:, -1] - x).pow(2).mean().item()
+    mse16 = (recons16[:, -1] - x).pow(2).mean().item()
     assert mse16 == pytest.approx(mse32, rel=0.05)
 
 

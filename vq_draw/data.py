@@ -177,12 +177,21 @@ def _torchvision(name, split, root, download):
     except DataError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         what = "could not be downloaded" if download else "is missing (download disabled)"
         raise DataError(f"{name} {split} data not found in {os.path.abspath(root)} and {what} "
-                        f"({reason[:160]}); put {TORCHVISION_LAYOUT[name]} there, or pass "
+                        f"({_reason(exc)}); put {TORCHVISION_LAYOUT[name]} there, or pass "
                         f"--data-dir with a torchvision root, a folder of images or an .npz "
                         f"file") from None
+
+
+def _reason(exc, limit=240):
+    """An exception's whole message on one line, shortened to ``limit`` characters.
+
+    Not just its first line: torchvision's MNIST download puts "Error downloading FILE:" there
+    and what went wrong at each mirror on the lines after it.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _torchvision_dataset(tvd, name, split, root, download):
