@@ -59,9 +59,11 @@ def steps_behind(ckpt):
 
 # ---------------------------------------------------------------------- reading
 
-def read_checkpoint(path, map_location="cpu"):
+def read_checkpoint(path, map_location="cpu", dataset=None):
     """Load and validate a checkpoint file: a dict with "format", "config" and "model".
 
+    A state dict of the original implementation (unixpickle/vq-draw) is converted into one
+    (``convert.convert_state_dict``; ``dataset`` names its dataset where the shapes do not).
     Raises ``CheckpointError`` with a one-line reason for anything else.
     """
     try:
@@ -80,6 +82,9 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
                               f"not a PyTorch checkpoint ({reason[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        from .convert import convert_state_dict, is_original_state_dict  # convert imports this module
+        if is_original_state_dict(ckpt):
+            return convert_state_dict(ckpt, dataset, path)
         raise CheckpointError(f"{path} is not a VQ-DRAW checkpoint (no '{CHECKPOINT_FORMAT}' "
                               f"format tag); was it written by another program?")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
@@ -106,9 +111,13 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     return model
 
 
-def load_model(path, map_location="cpu"):
-    """Rebuild a model from a checkpoint alone; returned in eval mode on ``map_location``."""
-    model = model_from_checkpoint(read_checkpoint(path, map_location), path)
+def load_model(path, map_location="cpu", dataset=None):
+    """Rebuild a model from a checkpoint alone; returned in eval mode on ``map_location``.
+
+    Also reads the original implementation's state dicts (``dataset`` where the shapes leave
+    it open, as ``read_checkpoint``).
+    """
+    model = model_from_checkpoint(read_checkpoint(path, map_location, dataset), path)
     return model.to(map_location).eval()
 
 
