@@ -1,6 +1,6 @@
 """Train VQ-DRAW on celeba; see README.md for the published command and flags."""
 
-from vq_draw.scripts import main
+from vq_draw.train_cli import main
 
 if __name__ == "__main__":
     main("celeba")

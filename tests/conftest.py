@@ -86,6 +86,14 @@ def state_equal(a, b):
 
 
 @pytest.fixture
+def no_plots(monkeypatch):
+    """No loss plot at each save (matplotlib is slow) where a test is about something else."""
+    import vq_draw.images
+
+    monkeypatch.setattr(vq_draw.images, "plot_log", lambda *args, **kwargs: None)
+
+
+@pytest.fixture
 def shared_data():
     """The real data folder of the project (../shared/data); skips when it is absent."""
     if not os.path.isdir(SHARED_DATA):

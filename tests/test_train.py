@@ -31,14 +31,6 @@ def make_loop(model, run_dir, **kwargs):
     return TrainLoop(model=model, **(settings | kwargs))
 
 
-@pytest.fixture
-def no_plots(monkeypatch):
-    """No loss plot at each save (matplotlib is slow) where a test is about something else."""
-    import vq_draw.images
-
-    monkeypatch.setattr(vq_draw.images, "plot_log", lambda *args, **kwargs: None)
-
-
 def test_learning_rate_schedule():
     assert learning_rate(0, 1e-3, 0.0, 100) == 1e-3
     assert learning_rate(25, 1e-3, 0.0, 100) == pytest.approx(7.5e-4)
@@ -132,9 +124,9 @@ def write_png_digits(folder, count, seed=0):
     return load_dataset("mnist", "train", folder)
 
 
-@pytest.mark.parametrize("source", ["arrays", "image files", "shifted arrays"])
+@pytest.mark.parametrize("source", ["arrays", "image files"])
 def test_resume_equals_an_uninterrupted_run_bitwise(tmp_path, source, no_plots):
-    """Exploration (epsilon), random shifts, the learning-rate schedule and accumulation all
+    """Exploration (epsilon), the learning-rate schedule and accumulation all
     depend on state that must survive the restart."""
     if source != "image files":
         train = random_dataset(12, seed=2)
@@ -142,8 +134,7 @@ def test_resume_equals_an_uninterrupted_run_bitwise(tmp_path, source, no_plots):
         train = write_png_digits(str(tmp_path / "pngs"), 13)  # 12 train + 1 test
     test = random_dataset(3, seed=3)
     settings = dict(train_data=train, test_data=test, step_interval=2, step_limit=8,
-                    save_interval=2, eval_interval=4, eval_size=2, lr_final=0.0,
-                    shift=2 if source == "shifted arrays" else 0)
+                    save_interval=2, eval_interval=4, eval_size=2, lr_final=0.0)
 
     reference = make_loop(tiny_model("mnist", stages=2, epsilon=0.3), tmp_path / "ref", **settings)
     reference.run()
@@ -247,132 +238,10 @@ def test_checkpoint_contents_and_load_model(tmp_path):
                   checkpoint_path=str(tmp_path / "weights.pt"))
 
 
-def test_init_from_fine_tunes_from_step_zero_then_resumes_its_own_run(tmp_path, no_plots):
-    source = tiny_model("mnist", stages=2)
-    make_loop(source, tmp_path / "source", step_limit=3, save_interval=3).run()
-    source_ckpt = torch.load(tmp_path / "source" / "checkpoint.pt", weights_only=True)
-
-    # A new run starts at step 0 from the source's weights and Adam state, with its own
-    # training-only settings (here stage weights).
-    tuned = tiny_model("mnist", stages=2, seed=5, stage_weights=[1.0, 3.0])
-    loop = make_loop(tuned, tmp_path / "tuned", step_limit=2, save_interval=1,
-                     init_from=str(tmp_path / "source" / "checkpoint.pt"))
-    assert loop.step == 0
-    assert state_equal(tuned.state_dict(), source.state_dict())
-    adam = loop.optimizer.state_dict()["state"]
-    assert all(torch.equal(adam[i]["exp_avg"], source_ckpt["optimizer"]["state"][i]["exp_avg"])
-               for i in adam)
-    loop.run()
-    saved = torch.load(tmp_path / "tuned" / "checkpoint.pt", weights_only=True)
-    assert saved["step"] == 2 and saved["config"]["stage_weights"] == [1.0, 3.0]
-    assert saved["prior_steps"] == 3  # the source's training is remembered
-    from vq_draw.export import main as export
-    export([str(tmp_path / "tuned" / "checkpoint.pt"), str(tmp_path / "tuned.pt")])
-    exported = torch.load(tmp_path / "tuned.pt", weights_only=True)
-    assert exported["trained_steps"] == 5 and exported["prior_steps"] == 3
-
-    # Once the run has its own checkpoint, it resumes from that, not from init_from.
-    again = make_loop(tiny_model("mnist", stages=2, stage_weights=[1.0, 3.0]), tmp_path / "tuned",
-                      step_limit=2, init_from=str(tmp_path / "source" / "checkpoint.pt"))
-    assert again.step == 2 and again.prior_steps == 3
-    assert state_equal(again.model.state_dict(), saved["model"])
-    # A fine-tune of the export counts all 5 steps behind it.
-    assert make_loop(tiny_model("mnist", stages=2), tmp_path / "second",
-                     init_from=str(tmp_path / "tuned.pt")).prior_steps == 5
-
-    # Weights only (an export) also work; another architecture is refused.
-    export_model(source, str(tmp_path / "weights.pt"))
-    fresh = make_loop(tiny_model("mnist", stages=2, seed=7), tmp_path / "from_export",
-                      init_from=str(tmp_path / "weights.pt"))
-    assert fresh.step == 0 and fresh.prior_steps == 0
-    assert state_equal(fresh.model.state_dict(), source.state_dict())
-    assert not fresh.optimizer.state_dict()["state"]
-    with pytest.raises(vq_draw.CheckpointError, match="another architecture"):
-        make_loop(tiny_model("mnist", stages=3), tmp_path / "other",
-                  init_from=str(tmp_path / "weights.pt"))
-
-
-def test_init_from_splits_the_refiner_when_the_run_asks_for_a_finer_segment(tmp_path, no_plots, capsys):
-    from vq_draw.config import split_segments
-
-    source = tiny_model("mnist", stages=4)
-    make_loop(source, tmp_path / "source", step_limit=2, save_interval=2).run()
-    # --segment 2 fine-tunes the one-network model as two networks, identical at step 0.
-    loop = make_loop(tiny_model("mnist", stages=4, segment=2, seed=3), tmp_path / "split",
-                     step_limit=1, quiet=False, init_from=str(tmp_path / "source" / "checkpoint.pt"))
-    assert "into 2 networks of 2 stages" in capsys.readouterr().out
-    assert loop.step == 0 and loop.prior_steps == 2
-    assert state_equal(loop.model.state_dict(), split_segments(source, 2).state_dict())
-    assert not loop.optimizer.state_dict()["state"]  # the source's Adam state has other shapes
-    loop.run()
-    # Networks are split, never merged; other differences are still refused.
-    with pytest.raises(vq_draw.CheckpointError, match="split, not merged"):
-        make_loop(tiny_model("mnist", stages=4), tmp_path / "merge",
-                  init_from=str(tmp_path / "split" / "checkpoint.pt"))
-    with pytest.raises(vq_draw.CheckpointError, match="choose a divisor of 4"):
-        make_loop(tiny_model("mnist", stages=4, segment=3), tmp_path / "uneven",
-                  init_from=str(tmp_path / "source" / "checkpoint.pt"))
-    with pytest.raises(vq_draw.CheckpointError, match="choose a divisor of 2"):  # crosses 2 | 3
-        make_loop(tiny_model("mnist", stages=4, segment=[1, 2, 1]), tmp_path / "across",
-                  init_from=str(tmp_path / "split" / "checkpoint.pt"))
-    with pytest.raises(vq_draw.CheckpointError, match="another architecture"):
-        make_loop(tiny_model("mnist", stages=4, segment=2, options=3), tmp_path / "other",
-                  init_from=str(tmp_path / "source" / "checkpoint.pt"))
-
-
-def test_a_run_with_unequal_segments_splits_resumes_and_exports(tmp_path, no_plots, capsys):
-    """--segment 2,1,1 from a two-network run: stage 4 gets a network of its own, identical at
-    step 0; the run resumes into the same steps as an uninterrupted one, and its export loads
-    with weights_only and encodes like the trained model."""
-    from vq_draw.config import split_segments
-
-    source = tiny_model("mnist", stages=4, segment=2)
-    make_loop(source, tmp_path / "source", step_limit=2, save_interval=2).run()
-    init = str(tmp_path / "source" / "checkpoint.pt")
-    whole = make_loop(tiny_model("mnist", stages=4, segment=[2, 1, 1], seed=3), tmp_path / "whole",
-                      step_limit=4, save_interval=2, quiet=False, init_from=init)
-    assert "into 3 networks of 2,1,1 stages" in capsys.readouterr().out
-    assert state_equal(whole.model.state_dict(), split_segments(source, [2, 1, 1]).state_dict())
-    whole.run()
-    halves = make_loop(tiny_model("mnist", stages=4, segment=[2, 1, 1], seed=3), tmp_path / "halves",
-                       step_limit=4, save_interval=2, stop_at=2, init_from=init)
-    halves.run()
-    resumed = make_loop(tiny_model("mnist", stages=4, segment=[2, 1, 1], seed=5), tmp_path / "halves",
-                        step_limit=4, save_interval=2, init_from=init)
-    assert resumed.step == 2
-    resumed.run()
-    assert state_equal(resumed.model.state_dict(), whole.model.state_dict())
-
-    export_model(whole.model, str(tmp_path / "model.pt"))
-    saved = torch.load(str(tmp_path / "model.pt"), map_location="cpu", weights_only=True)
-    assert saved["config"]["segment"] == [2, 1, 1]
-    loaded = vq_draw.load_model(str(tmp_path / "model.pt")).eval()
-    x = random_images(loaded, 3)
-    with torch.no_grad():
-        assert torch.equal(loaded.encode(x), whole.model.eval().encode(x))
-
-
-def test_random_shift_translates_each_image_within_the_limit():
-    from vq_draw.train import random_shift
-
-    images = torch.zeros(200, 1, 9, 9)
-    images[:, 0, 4, 4] = 1.0  # one bright pixel in the middle of a black image
-    torch.manual_seed(0)
-    shifted = random_shift(images, 2)
-    assert shifted.shape == images.shape and torch.equal(shifted.sum((1, 2, 3)), images.sum((1, 2, 3)))
-    where = shifted[:, 0].flatten(1).argmax(1)
-    dy, dx = where // 9 - 4, where % 9 - 4
-    assert dy.abs().max() == 2 and dx.abs().max() == 2  # every offset in [-2, 2], extremes drawn
-    assert len(set(zip(dy.tolist(), dx.tolist()))) == 25
-    # The border is repeated, so a uniform image stays uniform.
-    assert torch.equal(random_shift(torch.full((3, 3, 8, 8), 0.5), 3), torch.full((3, 3, 8, 8), 0.5))
-
-
 def test_bad_training_settings():
     model = tiny_model("mnist", stages=1)
     for kwargs in (dict(batch_size=0), dict(step_interval=0), dict(save_interval=0),
-                   dict(step_limit=0), dict(lr=0.0), dict(lr=float("nan")), dict(batch_size=2.0),
-                   dict(shift=-1), dict(shift=1.5)):
+                   dict(step_limit=0), dict(lr=0.0), dict(lr=float("nan")), dict(batch_size=2.0)):
         with pytest.raises(ValueError):
             make_loop(model, "unused", **kwargs)
 
@@ -428,7 +297,7 @@ def test_disk_full_in_training_stops_with_save_error(tmp_path, monkeypatch, no_p
 
 
 class Forked:
-    """``scripts.main("mnist", argv)`` in a forked child process, with Popen's poll/send_signal/wait.
+    """``train_cli.main("mnist", argv)`` in a forked child process, with Popen's poll/send_signal/wait.
 
     A separate process that can be killed like any other, but that starts without importing
     torch again (a fresh interpreter costs several CPU seconds here).
@@ -443,7 +312,7 @@ class Forked:
                 sys.stdout = sys.stderr = open(log, "a", buffering=1)
                 os.dup2(sys.stdout.fileno(), 1)
                 os.dup2(sys.stdout.fileno(), 2)
-                from vq_draw.scripts import main
+                from vq_draw.train_cli import main
                 main("mnist", argv)
                 code = 0
             except SystemExit as exc:
@@ -501,7 +370,7 @@ def kill_restart_and_compare(tmp_path, modes, seed, fork=True):
         return open(log).read() if os.path.exists(log) else ""
 
     # The uninterrupted run, here (the same code, and one thread as in the subprocesses).
-    from vq_draw.scripts import main
+    from vq_draw.train_cli import main
     begin = time.time()
     main("mnist", arguments(tmp_path / "ref"))
     duration = time.time() - begin

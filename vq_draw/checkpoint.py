@@ -4,10 +4,15 @@ A checkpoint is a ``torch.save`` dict tagged ``"format": CHECKPOINT_FORMAT`` wit
 ``"config"`` (``create_model``'s arguments) and its ``"model"`` weights. A training
 checkpoint adds ``"optimizer"``, ``"step"``, ``"rng"`` and the recipe (``"train"``); an
 exported one keeps only the weights, config and ``"trained_steps"``. Files are read with
-``weights_only=True``, so loading one never runs code.
+``weights_only=True``, so loading one never runs code. Every file written here carries a
+``"checksum"`` of its contents, checked on reading (older files without one still load).
 """
 
 import os
+import re
+import shutil
+import warnings
+import zlib
 
 import torch
 
@@ -23,7 +28,10 @@ CHECKPOINT_VERSION = 1
 ARCHITECTURE_KEYS = ("dataset", "options", "stages", "segment", "loss")
 # Settings that change what training optimizes but not the weights' shapes, so a resume may
 # change them (and says so). grad_checkpoint is in neither: it gives the same gradients.
-OBJECTIVE_KEYS = ("aux_coeff", "final_coeff", "epsilon", "grad_decay", "output_scale", "stage_weights")
+OBJECTIVE_KEYS = ("aux_coeff", "final_coeff", "epsilon", "grad_decay", "output_scale")
+# Config keys that older files may hold but create_model no longer takes: stage weights moved
+# from the model to the training objective (vq_draw/experiments.py); they never changed a code.
+RETIRED_KEYS = ("stage_weights",)
 
 
 class CheckpointError(ValueError):
@@ -35,8 +43,7 @@ class SaveError(RuntimeError):
 
 
 def objective_settings(config):
-    """{key: value} for ``OBJECTIVE_KEYS`` in a model config; None where the config has no value
-    (``stage_weights`` is absent for the published plain mean)."""
+    """{key: value} for ``OBJECTIVE_KEYS`` in a model config; None where the config has no value."""
     return {key: config.get(key) for key in OBJECTIVE_KEYS}
 
 
@@ -67,20 +74,14 @@ def read_checkpoint(path, map_location="cpu", dataset=None):
     Raises ``CheckpointError`` with a one-line reason for anything else.
     """
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A foreign pickle also draws a warning about its protocol; the error says enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        text = str(exc).strip()
-        if "Unsupported global" in text:
-            # A readable pickle, but of arbitrary Python objects: never unpickled here.
-            raise CheckpointError(f"{path} is not a VQ-DRAW checkpoint: it holds Python objects, not "
-                                  f"only tensors, and is not loaded for safety") from None
-        if "WeightsUnpickler error:" in text:  # skip torch's paragraph about weights_only
-            text = text.split("WeightsUnpickler error:", 1)[1].strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
-                              f"not a PyTorch checkpoint ({reason[:200]})") from None
+        raise _read_error(path, exc) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         from .convert import convert_state_dict, is_original_state_dict  # convert imports this module
         if is_original_state_dict(ckpt):
@@ -90,6 +91,10 @@ def read_checkpoint(path, map_location="cpu", dataset=None):
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} has checkpoint version {ckpt['version']}, newer than this "
                               f"vq_draw understands ({CHECKPOINT_VERSION}); upgrade vq_draw")
+    if "checksum" in ckpt and ckpt["checksum"] != checksum(ckpt):
+        raise CheckpointError(f"{path} is corrupt: its contents do not match the checksum stored "
+                              f"when it was written (damaged on disk or in a copy); use another "
+                              f"copy or an earlier checkpoint")
     config = ckpt.get("config")
     if not isinstance(config, dict) or config.get("dataset") not in REFINERS or \
             not isinstance(ckpt.get("model"), dict):
@@ -97,10 +102,65 @@ def read_checkpoint(path, map_location="cpu", dataset=None):
     return ckpt
 
 
+def _read_error(path, exc):
+    """The ``CheckpointError`` for an exception of ``torch.load``: one line, and never torch's
+    advice to retry with ``weights_only=False`` (which would run the file's code)."""
+    text = str(exc).strip()
+    refused = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    if refused:
+        # A readable pickle, but of arbitrary Python objects (whose unpickling may run code).
+        return CheckpointError(f"{path} is not a VQ-DRAW checkpoint: it holds Python objects "
+                               f"({refused.group(1)}), not only tensors, so it is not loaded, for "
+                               f"safety")
+    lines = [line.strip() for line in text.split("WeightsUnpickler error:")[-1].splitlines()]
+    # torch's paragraph about weights_only and its pointers to the documentation are not the reason.
+    lines = [line for line in lines if line and not re.search(
+        r"weights.only|Check the documentation|Please file an issue", line, re.IGNORECASE)]
+    reason = lines[0] if lines else type(exc).__name__
+    reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason)
+    return CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a "
+                           f"PyTorch checkpoint ({reason[:200]})")
+
+
+def checksum(ckpt):
+    """"crc32:<8 hex digits>" over every entry of a checkpoint dict but "checksum", in order:
+    each tensor's dtype, shape and raw bytes, and the ``repr`` of every other value.
+
+    CRC-32 finds any few damaged bytes; at about 1 GB/s it costs a fraction of what
+    ``torch.save`` of the same state does (SHA-256 takes twice as long). Tensors on a GPU are
+    copied to the CPU for it.
+    """
+    crc = 0
+
+    def feed(value):
+        nonlocal crc
+        if torch.is_tensor(value):
+            value = value.detach()
+            crc = zlib.crc32(f"tensor {value.dtype} {tuple(value.shape)}".encode(), crc)
+            if value.numel():
+                raw = value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                crc = zlib.crc32(raw, crc)
+        elif isinstance(value, dict):
+            crc = zlib.crc32(f"dict {len(value)}".encode(), crc)
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, (list, tuple)):
+            crc = zlib.crc32(f"{type(value).__name__} {len(value)}".encode(), crc)
+            for item in value:
+                feed(item)
+        else:
+            crc = zlib.crc32(repr(value).encode(), crc)
+
+    feed({key: value for key, value in ckpt.items() if key != "checksum"})
+    return f"crc32:{crc:08x}"
+
+
 def model_from_checkpoint(ckpt, path="checkpoint"):
     """Rebuild the model described by a validated checkpoint dict and load its weights."""
+    config = {k: v for k, v in ckpt["config"].items() if k not in RETIRED_KEYS}
     try:
-        model = create_model(**ckpt["config"])
+        model = create_model(**config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} has an invalid model config: {exc}") from None
     try:
@@ -126,15 +186,46 @@ def load_model(path, map_location="cpu", dataset=None):
 def save_checkpoint(path, state):
     """Write ``state`` to ``path`` atomically (``files.atomic_write``).
 
-    A crash or a full disk in the middle leaves the previous checkpoint untouched.
+    A crash or a full disk in the middle leaves the previous checkpoint untouched. ``state``
+    gets a ``"checksum"`` (``checksum``) that ``read_checkpoint`` verifies. Raises
+    ``SaveError`` with one line for anything that stops the write.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    state = {key: value for key, value in state.items() if key != "checksum"}
+    state["checksum"] = checksum(state)
     try:
+        os.makedirs(folder, exist_ok=True)
         atomic_write(path, lambda f: torch.save(state, f))
-    except OSError as exc:
-        raise SaveError(f"could not write checkpoint {path}: {exc.strerror or exc}; the previous "
+    except (OSError, RuntimeError) as exc:
+        # A full disk reaches torch.save's zip writer as a RuntimeError ("unexpected pos"),
+        # not an OSError, so say what the disk holds.
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+        else:
+            reason = "torch.save failed (" + re.sub(
+                r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "",
+                (str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200] + ")"
+        try:
+            free = shutil.disk_usage(folder).free
+            need = _tensor_bytes(state)
+            if free < need:
+                reason += (f": the disk is full, {free / 1e6:,.1f} MB free where the checkpoint "
+                           f"needs about {need / 1e6:,.1f} MB")
+        except OSError:
+            pass
+        raise SaveError(f"could not write checkpoint {path}: {reason}; the previous "
                         f"checkpoint is intact") from None
+
+
+def _tensor_bytes(value):
+    """Bytes of all tensors in a nested state: about the size of its file."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def export_model(model, path):

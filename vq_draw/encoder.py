@@ -34,9 +34,6 @@ class VQDraw(nn.Module):
                          as in the original.
     :param aux_coeff: weight of the mean loss over all proposals (keeps options alive).
     :param final_coeff: weight of the last stage's loss.
-    :param stage_weights: S non-negative weights for the chosen-loss average over stages
-                          (None: the plain mean, as published). The average is normalized
-                          by their sum, so only their ratios matter.
     :param epsilon: probability of a random choice per sample and stage while training.
     :param grad_decay: 0 lets gradients flow through the reconstruction into earlier
                        stages; 1 blocks them; values between scale them by 1 - grad_decay.
@@ -46,7 +43,7 @@ class VQDraw(nn.Module):
 
     def __init__(self, refiner, shape, num_stages, options, loss="mse", output_scale=0.1,
                  aux_coeff=0.01, final_coeff=0.0, epsilon=0.0, grad_decay=0.0,
-                 grad_checkpoint=False, mean=0.0, std=1.0, stage_weights=None):
+                 grad_checkpoint=False, mean=0.0, std=1.0):
         super().__init__()
         self.refiner = refiner
         self.shape = tuple(shape)
@@ -56,7 +53,6 @@ class VQDraw(nn.Module):
         self.loss_fn = LOSSES[loss]
         self.aux_coeff = aux_coeff
         self.final_coeff = final_coeff
-        self.stage_weights = None if stage_weights is None else [float(w) for w in stage_weights]
         self.epsilon = epsilon
         self.grad_decay = grad_decay
         self.grad_checkpoint = grad_checkpoint
@@ -268,34 +264,28 @@ class VQDraw(nn.Module):
         """The training objective and its parts.
 
         :param x: [N x *shape] normalized images.
-        :return: dict with "loss" (scalar to minimize), "chosen_loss" (mean over stages of the
-                 best proposal's loss, the chosen one's unless exploring; ``stage_weights``
-                 weight it inside "loss" only, so the logged value stays comparable between
-                 runs), "aux_loss" (mean over all
-                 proposals), "final_loss" (last stage), "stage_losses" [S], "code_entropy"
-                 [S] (nats, of the batch's codes), "options_used" [S], and "codes" [N x S].
+        :return: dict with "loss" (the scalar to minimize), its differentiable parts
+                 "chosen_loss" (mean over stages of the chosen proposal's loss), "stage_losses"
+                 [S] (that loss per stage), "aux_loss" (mean over all proposals) and
+                 "final_loss" (last stage), and, without gradients, "code_entropy" [S] (nats,
+                 of the batch's codes), "options_used" [S] and "codes" [N x S]. While
+                 exploring (epsilon > 0) a stage may continue from a random option, but its
+                 loss is still the best option's, as in the original.
         """
         codes, _, losses = self.run(x)
-        # With exploration (epsilon > 0) a stage may continue from a random option, but its
-        # loss is still the best option's, as in the original; without it the two are the same.
         best = losses.detach().argmin(2) if self.training and self.epsilon > 0 else codes
-        chosen = losses.gather(2, best.unsqueeze(2)).squeeze(2)  # [N x S]
-        stage_losses = chosen.mean(0)
+        stage_losses = losses.gather(2, best.unsqueeze(2)).squeeze(2).mean(0)  # [S]
         chosen_loss = stage_losses.mean()
         aux_loss = losses.mean()
         final_loss = stage_losses[-1]
-        weighted_loss = chosen_loss
-        if self.stage_weights is not None:
-            weights = torch.tensor(self.stage_weights, dtype=stage_losses.dtype, device=stage_losses.device)
-            weighted_loss = (stage_losses * weights).sum() / weights.sum()
-        loss = weighted_loss + self.aux_coeff * aux_loss + self.final_coeff * final_loss
+        loss = chosen_loss + self.aux_coeff * aux_loss + self.final_coeff * final_loss
         entropy, used = code_usage(codes, self.options)
         return {
             "loss": loss,
-            "chosen_loss": chosen_loss.detach(),
-            "aux_loss": aux_loss.detach(),
-            "final_loss": final_loss.detach(),
-            "stage_losses": stage_losses.detach(),
+            "chosen_loss": chosen_loss,
+            "stage_losses": stage_losses,
+            "aux_loss": aux_loss,
+            "final_loss": final_loss,
             "code_entropy": entropy,
             "options_used": used,
             "codes": codes,
@@ -422,6 +412,48 @@ class VQDraw(nn.Module):
         n = self._check_num_stages(num_stages)
         codes = torch.randint(0, self.options, (count, n), generator=generator)
         return self.decode(codes.to(self.output_scale.device))
+
+    @torch.no_grad()
+    def proposals(self, codes):
+        """The K proposals of stage t after code prefixes of t stages.
+
+        Row k of image i is exactly ``decode(cat(codes[i], k))`` (the same computations, so
+        bit for bit): the reconstruction the encoder gets by choosing option k at stage t.
+        For images, take the prefix from the encoder: ``proposals(encode(x, num_stages=t))``
+        are the options the greedy encoder chooses among at stage t. An empty prefix
+        ([N x 0]) gives stage 0's proposals, the same for every image.
+
+        :param codes: [N x t] integers in [0, K), 0 <= t < S.
+        :return: [N x K x *shape] normalized proposals of stage t.
+        """
+        codes = torch.as_tensor(codes)
+        if codes.dim() != 2 or not 0 <= codes.shape[1] < self.num_stages or len(codes) == 0:
+            raise ValueError(f"codes must be prefixes [N x t] with N >= 1 and 0 <= t < "
+                             f"{self.num_stages} stages, got shape {list(codes.shape)}")
+        stage = codes.shape[1]
+        param = self.output_scale
+        if stage == 0:
+            if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.dtype.is_complex:
+                raise TypeError(f"codes must be integers, got {codes.dtype}")
+            recon = torch.zeros(len(codes), *self.shape, device=param.device, dtype=param.dtype)
+            first_choices = None
+        else:
+            codes = self._check_codes(codes)
+            recon = self.decode(codes)
+            first_choices = codes[:, 0]
+        features, inverse = self._distinct_features(recon, stage, first_choices)
+        if stage == 0:
+            # All images share stage 0's K options: run the head once and pick from it, as
+            # _chosen_option does for each choice.
+            every = self.refiner.options(features, 0)[0]  # [K x *shape]
+        rows = []
+        for k in range(self.options):
+            # One option for the whole batch: the shapes decode runs for this choice.
+            choices = torch.full((len(codes),), k, dtype=torch.long, device=param.device)
+            delta = every.index_select(0, choices) if stage == 0 else \
+                self._chosen_option(features, inverse, stage, choices)
+            rows.append(self._next(recon, delta, stage, choices))
+        return torch.stack(rows, 1)
 
     # ------------------------------------------------------------------ checks
 

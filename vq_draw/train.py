@@ -18,7 +18,10 @@ rank 0 writes files.
 import csv
 import math
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -28,10 +31,53 @@ import torch.distributed as dist
 
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, SaveError,
                          config_mismatch, model_from_checkpoint, objective_settings, read_checkpoint,
-                         save_checkpoint, steps_behind)
-from .config import describe_segment, split_segments
+                         save_checkpoint)
 from .data import ArrayDataset, BatchSampler, fixed_images, iterate_batches
 from .evaluate import evaluate, format_table, merge_results
+from .files import FolderInUse, FolderLock
+
+
+class RunDirError(RuntimeError):
+    """The run folder cannot be used: not a folder, not writable, or locked by another trainer."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped ``TrainLoop.run`` at an update boundary, after it saved.
+
+    ``signum`` is the signal; the message says where the checkpoint is.
+    """
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+def check_device(device):
+    """``device`` as a ``torch.device``, after checking that this machine has it.
+
+    Raises ``ValueError`` with one line for an unknown device string, CUDA without a GPU, or a
+    GPU index this machine does not have.
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r} ({str(exc).splitlines()[0][:150]}); use "
+                         f"'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: no CUDA GPU is available on this machine "
+                             f"(torch.cuda.is_available() is False); use device 'cpu'")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif resolved.type != "cpu":
+        try:
+            torch.empty(1, device=resolved)
+        except Exception as exc:  # torch raises several types for a missing backend
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
+            raise ValueError(f"device {device!r} is not usable on this machine ({reason})") from None
+    return resolved
 
 
 def compile_refiners(model):
@@ -69,20 +115,16 @@ class TrainLoop:
     :param progress: show a tqdm bar on stderr (rank 0); None shows it when stderr is a terminal.
     :param bf16: bfloat16 autocast (the choices are still made on float32 losses).
     :param compile: ``torch.compile`` the refiner networks (``compile_refiners``).
-    :param shift: augmentation: translate each training image by a random whole number of
-                  pixels in [-shift, shift] on each axis, filling with the border pixels
-                  (0 = none, as published). Drawn from the saved torch RNG, so resume is exact.
     :param stop_at: save a checkpoint and return at the first update boundary at or past this
                     step, while the learning rate still follows ``step_limit``: resuming with
-                    other settings (``stage_weights``, ...) then changes a recipe mid-run
+                    other settings (an ``objective``, ...) then changes a recipe mid-run
                     reproducibly, and a long run can be trained in slices.
-    :param init_from: checkpoint to fine-tune: a new run (no checkpoint at ``checkpoint_path``
-                      yet) starts at step 0 from its weights, and from its optimizer state
-                      when it has one; the step, schedule and RNG are this run's own, and
-                      checkpoints record the source's training steps as ``prior_steps``. Once
-                      the run has saved a checkpoint it resumes from that instead. A source
-                      with more stages per network than ``model`` is split into copies
-                      (``split_segments``) and the optimizer starts fresh.
+    :param objective: experiment hook (vq_draw/experiments.py): ``objective(model, terms)`` ->
+                      the scalar to minimize from ``VQDraw.training_losses``'s terms, instead
+                      of ``terms["loss"]``; its ``settings`` dict, if any, is recorded in
+                      checkpoints and compared on resume.
+    :param start: experiment hook: ``start(loop)`` is called once for a run that has no
+                  checkpoint yet, to set its starting weights (e.g. ``experiments.FineTuneFrom``).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized here (NCCL for
     CUDA devices, gloo otherwise) and every process must construct and run the loop.
@@ -92,10 +134,9 @@ class TrainLoop:
                  batch_size=32, step_interval=1, lr=1e-3, lr_final=None, step_limit=None,
                  save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
                  device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
-                 progress=None, compile=False, shift=0, init_from=None, stop_at=None):
+                 progress=None, compile=False, stop_at=None, objective=None, start=None):
         for name, value, minimum in (("batch_size", batch_size, 1), ("step_interval", step_interval, 1),
-                                     ("save_interval", save_interval, 1), ("log_interval", log_interval, 1),
-                                     ("shift", shift, 0)):
+                                     ("save_interval", save_interval, 1), ("log_interval", log_interval, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if step_limit is not None and (not isinstance(step_limit, int) or step_limit < 1):
@@ -106,10 +147,11 @@ class TrainLoop:
         if not lr > 0 or (lr_final is not None and not lr_final >= 0):
             raise ValueError(f"learning rates must be positive (lr={lr}, lr_final={lr_final})")
         device = str(device)
+        check_device(device)  # before the process group, whose NCCL setup would fail less clearly
         self.rank, self.world_size, self.local_rank = _distributed_env(device)
         if self.world_size > 1 and device.startswith("cuda"):
             device = f"cuda:{self.local_rank}"
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.model = model.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # the same shapes come back every step
@@ -132,7 +174,7 @@ class TrainLoop:
         self.seed = seed
         self.num_workers = num_workers
         self.bf16 = bf16
-        self.shift = shift
+        self.objective = objective
         self.final_eval = final_eval
         self.quiet = quiet
         self.is_main = self.rank == 0
@@ -140,23 +182,35 @@ class TrainLoop:
                                                          else progress)
         self._bar = None
         self.step = 0
-        self.prior_steps = 0  # steps of the model this run was initialized from (init_from)
+        self.prior_steps = 0  # training steps behind the weights this run started from (start)
         self._log_scale = 1.0  # rescales log.csv steps when a resume rescales the step
         self.last_eval = None
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-5)
         # Each process draws its own exploration randomness (epsilon); the weights still
         # start equal everywhere, since DDP copies rank 0's when it wraps the model.
         torch.manual_seed(seed + self.rank)
-        if os.path.exists(self.checkpoint_path):
-            self._resume()
-        elif init_from is not None:
-            self._init_from(init_from)
-        if self.world_size > 1:
-            steps = self._all_gather(self.step)
-            if len(set(steps)) > 1:
-                raise CheckpointError(f"the processes start at different steps {steps}: every node "
-                                      f"must read the same {self.checkpoint_path}; put --run-dir on a "
-                                      f"filesystem shared by all nodes")
+        self._lock = None  # rank 0's FolderLock on run_dir while this loop uses it
+        self._claimed = False  # the same on every process, unlike _lock
+        self._signal = None  # the first SIGINT/SIGTERM received during run()
+        self._flag_group = None  # under DDP: the gloo group that agrees on stopping
+        self._saved_step = None  # the step the checkpoint file holds, when this loop knows it
+        # Before reading the checkpoint: a second trainer on this folder stops here.
+        self._claim_run_dir()
+        try:
+            if os.path.exists(self.checkpoint_path):
+                self._resume()
+                self._saved_step = self.step
+            elif start is not None:
+                start(self)
+            if self.world_size > 1:
+                steps = self._all_gather(self.step)
+                if len(set(steps)) > 1:
+                    raise CheckpointError(f"the processes start at different steps {steps}: every "
+                                          f"node must read the same {self.checkpoint_path}; put "
+                                          f"--run-dir on a filesystem shared by all nodes")
+        except BaseException:
+            self._release_run_dir()
+            raise
         self.ddp_model = self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -179,9 +233,9 @@ class TrainLoop:
             raise CheckpointError(f"{self.checkpoint_path} is for another architecture: {mismatch}; "
                                   f"use the same settings or another --run-dir")
         self.model.load_state_dict(model_from_checkpoint(ckpt, self.checkpoint_path).state_dict())
-        self._load_optimizer(ckpt["optimizer"])
+        self.load_optimizer(ckpt["optimizer"])
         # Changing settings on resume is allowed (e.g. a longer --step-limit), but a forgotten
-        # flag such as --shift would silently change the recipe, so say what differs.
+        # flag such as --lr-final would silently change the recipe, so say what differs.
         saved = ckpt.get("train", {})
         changed = [f"{name} {saved[name]!r} -> {value!r}"
                    for name, value in self._train_settings().items()
@@ -192,7 +246,7 @@ class TrainLoop:
                     for name, value in objective_settings(self.model.config).items()
                     if saved_objective[name] != value]
         if changed:
-            self._log(f"{self.checkpoint_path} was trained with other settings; this run uses "
+            self.log(f"{self.checkpoint_path} was trained with other settings; this run uses "
                       f"{', '.join(changed)}")
         self.step = int(ckpt["step"])
         self.prior_steps = int(ckpt.get("prior_steps", 0))
@@ -204,7 +258,7 @@ class TrainLoop:
             images = self.step * saved_batch * saved_world
             self.step = images // (self.batch_size * self.world_size)
             self._log_scale = self.step / int(ckpt["step"]) if ckpt["step"] else 1.0
-            self._log(f"{self.checkpoint_path} was written by {saved_world} process(es) of "
+            self.log(f"{self.checkpoint_path} was written by {saved_world} process(es) of "
                       f"micro-batch {saved_batch} at step {ckpt['step']} ({images} images); with "
                       f"{self.world_size} x {self.batch_size} images per step this is step {self.step}")
         rng = ckpt.get("rng", {})
@@ -216,41 +270,10 @@ class TrainLoop:
         else:
             # Fresh, distinct streams per process and position, not a replay of step 0's.
             torch.manual_seed(self.seed + self.rank + self.world_size * self.step)
-        self._log(f"resumed from {self.checkpoint_path} at step {self.step}")
+        self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
 
-    def _init_from(self, path):
-        ckpt = read_checkpoint(path, map_location="cpu")
-        segment = self.model.config["segment"]
-        # Stages per network may differ (the source is then split below); nothing else may.
-        mismatch = config_mismatch(dict(ckpt["config"], segment=segment), self.model.config)
-        if mismatch:
-            raise CheckpointError(f"cannot fine-tune from {path}: it is for another architecture "
-                                  f"({mismatch}); use the same settings")
-        source = model_from_checkpoint(ckpt, path)
-        split = ckpt["config"].get("segment") != segment
-        if split:
-            try:
-                source = split_segments(source, segment)
-            except ValueError as exc:
-                raise CheckpointError(f"cannot fine-tune from {path} with segment={segment!r}: "
-                                      f"{exc} (networks can be split, not merged)") from None
-        self.model.load_state_dict(source.state_dict())
-        what = "weights"
-        if split:
-            # Adam starts fresh: the source's moments are for fewer parameters.
-            self._log(f"split the refiner of {path} into {len(self.model.refiner.refiners)} "
-                      f"networks of {describe_segment(segment)} stages, each a copy of the one that ran its "
-                      f"stages")
-        elif "optimizer" in ckpt:
-            # Adam's moment estimates carry over, so a small learning rate continues smoothly
-            # instead of taking full-size first steps from fresh statistics.
-            self._load_optimizer(ckpt["optimizer"])
-            what = "weights and optimizer state"
-        self.prior_steps = steps_behind(ckpt)
-        self._log(f"started from the {what} of {path} ({self.prior_steps} steps of training); "
-                  f"this run counts its own steps from 0")
-
-    def _load_optimizer(self, state):
+    def load_optimizer(self, state):
+        """Load an Adam state dict saved from a model of the same architecture."""
         self.optimizer.load_state_dict(state)
         # Adam statistics of a checkpoint with one output scale shared by all networks (see
         # VQDraw._load_from_state_dict): every network's scale starts from them.
@@ -292,7 +315,7 @@ class TrainLoop:
         # no longer repeats the uninterrupted one bit for bit.
         return dict(batch_size=self.batch_size, step_interval=self.step_interval, lr=self.lr,
                     lr_final=self.lr_final, step_limit=self.step_limit, seed=self.seed,
-                    shift=self.shift, bf16=self.bf16)
+                    bf16=self.bf16, objective=getattr(self.objective, "settings", None))
 
     def save(self):
         """Write the checkpoint, images and loss plot (rank 0); every process must call it."""
@@ -310,6 +333,50 @@ class TrainLoop:
             plot_log(self.log_path, os.path.join(self.run_dir, "loss.png"))
 
         self._main_only(write, "write the checkpoint")
+        self._saved_step = self.step
+
+    def _claim_run_dir(self):
+        """Check that the run folder and the checkpoint's folder can be written, and lock the run
+        folder (``FolderLock``, rank 0) so that a second trainer stops at once; a collective call."""
+
+        def claim():
+            checkpoint_dir = os.path.dirname(os.path.abspath(self.checkpoint_path))
+            for folder in dict.fromkeys([self.run_dir, checkpoint_dir]):
+                if os.path.exists(folder) and not os.path.isdir(folder):
+                    raise RunDirError(f"{folder} is a file, not a folder; choose another --run-dir "
+                                      f"(or --checkpoint)")
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                except OSError as exc:
+                    raise RunDirError(f"cannot create the folder {folder}: {exc.strerror or exc}; "
+                                      f"choose another --run-dir (or --checkpoint)") from None
+            try:
+                lock = FolderLock(self.run_dir)  # also the test that the folder can be written
+            except FolderInUse as exc:
+                raise RunDirError(f"{self.run_dir} is in use by another training process (PID "
+                                  f"{exc.holder or 'unknown'}, which holds {exc.path}); wait for it "
+                                  f"to end or stop it, or choose another --run-dir") from None
+            except OSError as exc:
+                raise RunDirError(f"cannot write to the run folder {self.run_dir}: "
+                                  f"{exc.strerror or exc}; choose a writable --run-dir") from None
+            try:
+                if checkpoint_dir != os.path.abspath(self.run_dir):
+                    with tempfile.TemporaryFile(dir=checkpoint_dir):
+                        pass
+            except OSError as exc:
+                lock.release()
+                raise RunDirError(f"cannot write to {checkpoint_dir}, the folder of the checkpoint: "
+                                  f"{exc.strerror or exc}; choose a writable --checkpoint") from None
+            self._lock = lock
+
+        self._main_only(claim, "use the run folder")
+        self._claimed = True
+
+    def _release_run_dir(self):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._claimed = False
 
     def _main_only(self, fn, what):
         """Run ``fn`` on rank 0; if it fails, every process raises, so none waits forever.
@@ -344,7 +411,25 @@ class TrainLoop:
 
     def run(self):
         """Train until ``step_limit`` (forever without one) or ``stop_at``. Returns the last
-        evaluation (None when ``stop_at`` comes first and no evaluation was due)."""
+        evaluation (None when ``stop_at`` comes first and no evaluation was due).
+
+        SIGINT (Ctrl-C) or SIGTERM lets the update under way finish, saves a checkpoint there
+        and raises ``Interrupted`` (the same run resumes from it exactly); a second one stops
+        at once (``KeyboardInterrupt``). The previous handlers are restored on return. The run
+        folder stays locked against other trainers until then.
+        """
+        if not self._claimed:  # released by an earlier run()
+            self._claim_run_dir()
+        self._signal_pid = os.getpid()
+        previous = _catch_signals(self._on_signal)
+        try:
+            return self._train()
+        finally:
+            _restore_signals(previous)
+            self._release_run_dir()
+
+    def _train(self):
+        self._signal = None
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             _trim_log(self.log_path, self.step, self._log_scale)
@@ -352,7 +437,7 @@ class TrainLoop:
                                rank=self.rank, world_size=self.world_size)
         self._on_device_data()
         batches = iterate_batches(self.train_data, sampler, self.num_workers)
-        self._log(self._describe())
+        self.log(self._describe())
         self.model.train()
         totals, count = {}, 0
         final_done = False
@@ -361,7 +446,11 @@ class TrainLoop:
             from tqdm import tqdm
             self._bar = tqdm(total=self.step_limit, initial=self.step, unit="step", file=sys.stderr,
                              dynamic_ncols=True, smoothing=0.05)
+        interrupted = None
         while (self.step_limit is None or self.step < self.step_limit) and not self._stopped:
+            interrupted = self._stop_signal()
+            if interrupted:
+                break
             terms = self._update(batches)
             if self._bar is not None:
                 self._bar.update(self._last_update_size)
@@ -388,13 +477,62 @@ class TrainLoop:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        if interrupted:
+            raise self._interrupted(interrupted)
         if self._stopped:
-            self._log(f"stopped at step {self.step} (stop_at {self.stop_at}); the same command "
+            self.log(f"stopped at step {self.step} (stop_at {self.stop_at}); the same command "
                       f"without it, or with a later one, resumes")
         elif self.final_eval and self.step_limit is not None and not final_done:
             # A run resumed at its step limit: evaluate without training.
             self.last_eval = self._evaluate(self._test_size, final=True)
         return self.last_eval
+
+    def _on_signal(self, signum, frame):
+        """SIGINT/SIGTERM handler during ``run``: the first asks the loop to save and stop at the
+        end of the update under way; a second one stops at once."""
+        if os.getpid() != self._signal_pid:
+            return  # a forked DataLoader worker: the main process stops it
+        now = time.monotonic()
+        if self._signal is None:
+            self._signal, self._signal_time = signum, now
+            if self.is_main and not self.quiet:
+                _write_stderr(f"\n{signal.Signals(signum).name}: finishing this update, then saving "
+                              f"a checkpoint; press Ctrl-C again to stop at once without saving\n")
+            return
+        if self.world_size > 1 and now - self._signal_time < 1.0:
+            # torchrun passes on the signal it got, which a Ctrl-C also sent to every process
+            # directly: the same request twice within a moment.
+            return
+        raise KeyboardInterrupt
+
+    def _stop_signal(self):
+        """The signal that stops the run at this update boundary, or 0; under DDP every process
+        takes the largest of all processes' (a collective call), so all stop at the same step."""
+        signum = self._signal or 0
+        if self.world_size > 1:
+            if self._flag_group is None:
+                # A CPU tensor needs a gloo group; the default one is NCCL on GPUs.
+                self._flag_group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                                    else dist.new_group(backend="gloo"))
+            flag = torch.tensor([signum])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group)
+            signum = int(flag)
+        return signum
+
+    def _interrupted(self, signum):
+        """Save where the run stopped (unless the checkpoint already holds this step) and
+        return the ``Interrupted`` exception that says where."""
+        name = signal.Signals(signum).name
+        if self._saved_step == self.step:
+            where = f"at step {self.step}, which {self.checkpoint_path} already holds"
+        elif self.step == 0:
+            return Interrupted(signum, f"stopped by {name} before the first update; nothing was "
+                                       f"saved, and the same command starts from the beginning")
+        else:
+            self.save()
+            where = f"at step {self.step}, saved to {self.checkpoint_path}"
+        return Interrupted(signum, f"stopped by {name} {where}; run the same command again to "
+                                   f"resume from there")
 
     @property
     def _stopped(self):
@@ -408,6 +546,7 @@ class TrainLoop:
 
     def close(self):
         """Under torchrun, leave the process group; every process calls it after ``run``."""
+        self._release_run_dir()
         if self.world_size > 1 and dist.is_initialized():
             # Every process first passes its last collective: gloo can abort a process whose
             # peer has already torn down the group.
@@ -444,14 +583,14 @@ class TrainLoop:
         sums = {}
         for i in range(micro):
             images = next(batches)
-            if self.shift:
-                images = random_shift(images, self.shift)
             images = images.to(self.device, non_blocking=True)
             x = self.model.normalize(images)
             # DDP: synchronize gradients only on the last micro-batch.
             sync = self.ddp_model is self.model or i == micro - 1
             with (nullcontext() if sync else self.ddp_model.no_sync()), self._autocast():
                 terms = self.ddp_model(x)
+                if self.objective is not None:
+                    terms["loss"] = self.objective(self.model, terms)
                 (terms["loss"] / micro).backward()
             for key in ("loss", "chosen_loss", "aux_loss", "final_loss"):
                 sums[key] = sums.get(key, 0.0) + terms[key].detach()
@@ -511,7 +650,7 @@ class TrainLoop:
         result["options"] = self.model.options
         self.model.train()
         if final:
-            self._log(f"held-out evaluation on all {result['count']} test images at step "
+            self.log(f"held-out evaluation on all {result['count']} test images at step "
                       f"{self.step}:\n" + format_table(result))
 
             def write():
@@ -525,7 +664,7 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ logging
 
-    def _log(self, message):
+    def log(self, message):
         if self.is_main and not self.quiet:
             if self._bar is not None:
                 self._bar.write(message, file=sys.stdout)  # clears and redraws the bar
@@ -559,28 +698,39 @@ class TrainLoop:
             left = f" left {_duration((self.step_limit - self.step) / steps_per_sec)}"
         test = f" test {row['test_mse']:.5f}" if "test_mse" in row else ""
         limit = f"/{self.step_limit}" if self.step_limit else ""
-        self._log(f"step {self.step}{limit} loss {metrics['loss']:.5f} final {metrics['final_loss']:.5f}"
+        self.log(f"step {self.step}{limit} loss {metrics['loss']:.5f} final {metrics['final_loss']:.5f}"
                   f"{test} entropy {metrics['code_entropy']:.3f} used {metrics['options_used']:.1f}"
                   f" lr {metrics['lr']:.2e} {steps_per_sec:.2f} steps/s"
                   f" ({steps_per_sec * self.batch_size * self.world_size:.0f} img/s){left}")
-
-
-def random_shift(images, shift):
-    """Translate each image by its own random offset (dy, dx), each in [-shift, shift].
-
-    :param images: [N x C x H x W]; padding repeats the border pixels (black for MNIST).
-    :return: [N x C x H x W], drawn from the global torch RNG (on the CPU).
-    """
-    n, _, h, w = images.shape
-    offsets = torch.randint(0, 2 * shift + 1, (n, 2)).tolist()
-    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift), mode="replicate")
-    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 def _duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _catch_signals(handler):
+    """Install ``handler`` for SIGINT and SIGTERM; returns the previous handlers, or None
+    outside the main thread (where Python cannot install them)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous):
+    for sig, handler in (previous or {}).items():
+        # None: a handler installed outside Python, which cannot be put back; the default instead.
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _write_stderr(text):
+    """Write from a signal handler: os.write, since a print interrupted by the signal would
+    raise on re-entry."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError, AttributeError):
+        pass  # no usable stderr (e.g. replaced by an object without a file descriptor)
 
 
 def _distributed_env(device="cpu"):

@@ -1,11 +1,14 @@
-"""The command line shared by train_mnist.py, train_svhn.py, train_cifar.py and train_celeba.py.
+"""The training command line, shared by train_mnist.py, train_svhn.py, train_cifar.py and
+train_celeba.py.
 
 The scripts differ only in the dataset name; published defaults come from
-``config.DATASETS``.
+``config.DATASETS``. ``build_parser``, ``check_args`` and ``train`` are separate so that
+vq_draw/experiments.py can add its flags and hooks to the same command.
 """
 
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -13,13 +16,15 @@ import torch
 from .checkpoint import CheckpointError, SaveError
 from .config import DATASETS, create_model, default_segment, describe_segment
 from .data import DataError, load_dataset
-from .train import TrainLoop
+from .train import Interrupted, RunDirError, TrainLoop
 
 
-def parse_args(dataset, argv=None):
+def build_parser(dataset, prog=None):
+    """The argument parser of the training command for ``dataset``, with its published defaults."""
     spec = DATASETS[dataset]
     recipe = spec["train"]
-    parser = argparse.ArgumentParser(description=f"Train VQ-DRAW on {dataset} (published defaults).")
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description=f"Train VQ-DRAW on {dataset} (published defaults).")
     parser.add_argument("--batch", type=int, default=recipe["batch"], help="micro-batch per process")
     parser.add_argument("--step-limit", type=int, default=recipe["step_limit"],
                         help="steps (micro-batches) to train; 0 trains forever")
@@ -52,14 +57,6 @@ def parse_args(dataset, argv=None):
     parser.add_argument("--final-coeff", type=float, default=0.0)
     parser.add_argument("--epsilon", type=float, default=0.0)
     parser.add_argument("--grad-decay", type=float, default=0.0)
-    parser.add_argument("--stage-weights", default=None,
-                        help="comma-separated weight per stage for the loss's average over stages "
-                             "(default: the plain mean)")
-    parser.add_argument("--shift", type=int, default=0,
-                        help="augment: translate training images by up to this many pixels (default 0)")
-    parser.add_argument("--init-from", default=None,
-                        help="fine-tune: start a new run at step 0 from this checkpoint's weights "
-                             "(and optimizer state, if saved)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file (default RUN_DIR/checkpoint.pt); resumed when it exists")
     parser.add_argument("--run-dir", default=os.path.join("runs", dataset),
@@ -76,27 +73,29 @@ def parse_args(dataset, argv=None):
                         help="run the convolutions in NCHW instead of channels_last")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="no tqdm bar (it is shown only when stderr is a terminal)")
-    args = parser.parse_args(argv)
+    parser.set_defaults(dataset=dataset)
+    return parser
+
+
+def parse_args(dataset, argv=None):
+    parser = build_parser(dataset)
+    return check_args(parser, parser.parse_args(argv))
+
+
+def check_args(parser, args):
+    """``args`` after the checks that argparse cannot express (``parser.error`` on failure)."""
     for name in ("batch", "step_interval", "save_interval", "options", "stages", "log_interval",
                  "eval_size"):
         minimum = 2 if name == "options" else 1
         if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, "
                          f"got {getattr(args, name)}")
-    if args.stage_weights is not None:
-        try:
-            args.stage_weights = [float(w) for w in args.stage_weights.split(",")]
-        except ValueError:
-            parser.error(f"--stage-weights must be comma-separated numbers, got {args.stage_weights!r}")
-        if len(args.stage_weights) != args.stages:
-            parser.error(f"--stage-weights has {len(args.stage_weights)} values; give one per stage "
-                         f"({args.stages})")
     if args.stop_at is not None and args.stop_at < 1:
         parser.error(f"--stop-at must be a positive step, got {args.stop_at}")
     if args.step_limit < 0:
         parser.error(f"--step-limit must be >= 0 (0 trains forever), got {args.step_limit}")
     if args.segment is None:
-        args.segment = default_segment(dataset, args.stages)
+        args.segment = default_segment(args.dataset, args.stages)
     if isinstance(args.segment, int) and not 1 <= args.segment <= args.stages:
         parser.error(f"--segment must be between 1 and --stages ({args.stages}), got {args.segment}")
     if isinstance(args.segment, list) and sum(args.segment) != args.stages:
@@ -117,28 +116,46 @@ def _segment(text):
 
 
 def main(dataset, argv=None):
-    args = parse_args(dataset, argv)
+    train(parse_args(dataset, argv))
+
+
+def train(args, objective=None, start=None):
+    """Build the model, data and ``TrainLoop`` from parsed ``args`` and run it; errors end the
+    process with one line. ``objective`` and ``start`` are TrainLoop's experiment hooks."""
     try:
         torch.manual_seed(args.seed)
+        dataset = args.dataset
         model = create_model(dataset, options=args.options, stages=args.stages, segment=args.segment,
                              aux_coeff=args.aux_coeff, final_coeff=args.final_coeff,
                              epsilon=args.epsilon, grad_decay=args.grad_decay,
-                             grad_checkpoint=args.grad_checkpoint, stage_weights=args.stage_weights)
+                             grad_checkpoint=args.grad_checkpoint)
         model.channels_last = args.channels_last
-        train = load_dataset(dataset, "train", args.data_dir)
-        test = load_dataset(dataset, "test", args.data_dir)
-        loop = TrainLoop(model=model, train_data=train, test_data=test, run_dir=args.run_dir,
+        train_data = load_dataset(dataset, "train", args.data_dir)
+        test_data = load_dataset(dataset, "test", args.data_dir)
+        loop = TrainLoop(model=model, train_data=train_data, test_data=test_data, run_dir=args.run_dir,
                          checkpoint_path=args.checkpoint, batch_size=args.batch,
                          step_interval=args.step_interval, lr=args.lr, lr_final=args.lr_final,
                          step_limit=args.step_limit or None, save_interval=args.save_interval,
                          eval_interval=args.eval_interval, eval_size=args.eval_size,
                          log_interval=args.log_interval, device=args.device, seed=args.seed,
                          num_workers=args.workers, bf16=args.bf16, progress=args.progress,
-                         compile=args.compile, shift=args.shift, init_from=args.init_from,
-                         stop_at=args.stop_at)
+                         compile=args.compile, stop_at=args.stop_at, objective=objective,
+                         start=start)
         loop.run()
         loop.close()
-    except (DataError, CheckpointError, SaveError, ValueError, FloatingPointError) as exc:
+    except (DataError, CheckpointError, SaveError, RunDirError, ValueError, FloatingPointError,
+            OSError) as exc:
         sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted; run the same command again to resume from the last checkpoint")
+    except Interrupted as exc:  # SIGINT/SIGTERM: saved at the end of the update under way
+        loop.close()
+        print(exc, file=sys.stderr)
+        sys.exit(128 + exc.signum)  # as a shell reports a process ended by the signal
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        path = args.checkpoint or os.path.join(args.run_dir, "checkpoint.pt")
+        if os.path.exists(path):
+            print(f"stopped at once; run the same command again to resume from the last "
+                  f"checkpoint, {path}", file=sys.stderr)
+        else:
+            print("stopped at once, before any checkpoint was saved; the same command starts "
+                  "from the beginning", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
