@@ -95,6 +95,22 @@ def compile_refiners(model):
     return model
 
 
+def check_settings(*, batch_size, step_interval, save_interval, log_interval, eval_size, step_limit,
+                   stop_at, lr, lr_final):
+    """Raise ValueError with one line for a training setting out of range. ``TrainLoop`` calls it,
+    and the command line before it loads any data."""
+    for name, value in dict(batch_size=batch_size, step_interval=step_interval,
+                            save_interval=save_interval, log_interval=log_interval,
+                            eval_size=eval_size).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value in dict(step_limit=step_limit, stop_at=stop_at).items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not lr > 0 or (lr_final is not None and not lr_final >= 0):
+        raise ValueError(f"learning rates must be positive (lr={lr}, lr_final={lr_final})")
+
+
 def learning_rate(step, lr, lr_final, step_limit):
     """Linear from ``lr`` at step 0 to ``lr_final`` at ``step_limit`` (constant without either)."""
     if lr_final is None or not step_limit:
@@ -135,17 +151,9 @@ class TrainLoop:
                  save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
                  device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
                  progress=None, compile=False, stop_at=None, objective=None, start=None):
-        for name, value, minimum in (("batch_size", batch_size, 1), ("step_interval", step_interval, 1),
-                                     ("save_interval", save_interval, 1), ("log_interval", log_interval, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if step_limit is not None and (not isinstance(step_limit, int) or step_limit < 1):
-            raise ValueError(f"step_limit must be a positive integer, got {step_limit!r}")
-        if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int)
-                                    or stop_at < 1):
-            raise ValueError(f"stop_at must be a positive integer, got {stop_at!r}")
-        if not lr > 0 or (lr_final is not None and not lr_final >= 0):
-            raise ValueError(f"learning rates must be positive (lr={lr}, lr_final={lr_final})")
+        check_settings(batch_size=batch_size, step_interval=step_interval, save_interval=save_interval,
+                       log_interval=log_interval, eval_size=eval_size, step_limit=step_limit,
+                       stop_at=stop_at, lr=lr, lr_final=lr_final)
         device = str(device)
         check_device(device)  # before the process group, whose NCCL setup would fail less clearly
         self.rank, self.world_size, self.local_rank = _distributed_env(device)

@@ -14,9 +14,9 @@ import sys
 import torch
 
 from .checkpoint import CheckpointError, SaveError
-from .config import DATASETS, create_model, default_segment, describe_segment
+from .config import DATASETS, create_model
 from .data import DataError, load_dataset
-from .train import Interrupted, RunDirError, TrainLoop
+from .train import Interrupted, RunDirError, TrainLoop, check_settings
 
 
 def build_parser(dataset, prog=None):
@@ -83,24 +83,10 @@ def parse_args(dataset, argv=None):
 
 
 def check_args(parser, args):
-    """``args`` after the checks that argparse cannot express (``parser.error`` on failure)."""
-    for name in ("batch", "step_interval", "save_interval", "options", "stages", "log_interval",
-                 "eval_size"):
-        minimum = 2 if name == "options" else 1
-        if getattr(args, name) < minimum:
-            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, "
-                         f"got {getattr(args, name)}")
-    if args.stop_at is not None and args.stop_at < 1:
-        parser.error(f"--stop-at must be a positive step, got {args.stop_at}")
+    """``args`` with the meanings only the command line has (``parser.error`` on failure); the
+    values themselves are checked by ``create_model`` and ``train.check_settings``."""
     if args.step_limit < 0:
         parser.error(f"--step-limit must be >= 0 (0 trains forever), got {args.step_limit}")
-    if args.segment is None:
-        args.segment = default_segment(args.dataset, args.stages)
-    if isinstance(args.segment, int) and not 1 <= args.segment <= args.stages:
-        parser.error(f"--segment must be between 1 and --stages ({args.stages}), got {args.segment}")
-    if isinstance(args.segment, list) and sum(args.segment) != args.stages:
-        parser.error(f"--segment {describe_segment(args.segment)} covers {sum(args.segment)} stages; "
-                     f"its stage counts must sum to --stages ({args.stages})")
     return args
 
 
@@ -123,6 +109,10 @@ def train(args, objective=None, start=None):
     """Build the model, data and ``TrainLoop`` from parsed ``args`` and run it; errors end the
     process with one line. ``objective`` and ``start`` are TrainLoop's experiment hooks."""
     try:
+        check_settings(batch_size=args.batch, step_interval=args.step_interval,
+                       save_interval=args.save_interval, log_interval=args.log_interval,
+                       eval_size=args.eval_size, step_limit=args.step_limit or None,
+                       stop_at=args.stop_at, lr=args.lr, lr_final=args.lr_final)
         torch.manual_seed(args.seed)
         dataset = args.dataset
         model = create_model(dataset, options=args.options, stages=args.stages, segment=args.segment,
