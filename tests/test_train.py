@@ -68,6 +68,28 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_plots):
         torch.testing.assert_close(micro_grads[name], big_grads[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_a_training_state_with_one_shared_scale_resumes(tmp_path, no_plots):
+    """Training states written when all segment networks shared one output scale resume: the
+    scalar and its Adam moments become one per network, and training goes on."""
+    run = tmp_path / "run"
+    make_loop(tiny_model("svhn", stages=4, segment=2), run, train_data=random_dataset(8, (3, 32, 32)),
+              step_limit=2, save_interval=2).run()
+    path = run / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["output_scale"] = ckpt["model"]["output_scale"][0].clone()
+    index = [name for name, _ in tiny_model("svhn", stages=4, segment=2).named_parameters()].index("output_scale")
+    for key in ("exp_avg", "exp_avg_sq"):
+        ckpt["optimizer"]["state"][index][key] = ckpt["optimizer"]["state"][index][key][0].clone()
+    ckpt.pop("checksum", None)  # the file is edited on purpose; older files had none
+    torch.save(ckpt, path)
+    loop = make_loop(tiny_model("svhn", stages=4, segment=2, seed=3), run,
+                     train_data=random_dataset(8, (3, 32, 32)), step_limit=4, save_interval=2)
+    assert loop.step == 2 and loop.model.output_scale.shape == (2,)
+    assert loop.model.output_scale[0] == loop.model.output_scale[1] == ckpt["model"]["output_scale"]
+    loop.run()
+    assert loop.step == 4 and torch.isfinite(loop.model.output_scale).all()
+
+
 def test_an_incomplete_last_interval_is_trained_but_not_applied(tmp_path, no_plots):
     """As in the original: at a step limit that is not a multiple of step_interval (CIFAR-10's
     34,811 = 2,175 x 16 + 11), the last micro-batches run but their gradients are not applied."""
