@@ -2,8 +2,10 @@
 
 import csv
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -215,3 +217,56 @@ def test_bad_input_through_python_m_vq_draw(files, tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert not os.path.exists(tmp_path / "o.png") and not os.path.exists(tmp_path / "o")
+
+
+# A child process reports how far its peak memory (ru_maxrss, kB) rose while running each
+# command, over what importing torch and vq_draw already took.
+_PEAK_SCRIPT = """
+import resource, sys
+from vq_draw.cli import main
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for argv in [line.split("\\t") for line in sys.argv[1].splitlines()]:
+    try:
+        main(argv)
+        print("exit 0", flush=True)
+    except SystemExit as exc:
+        print("exit", exc.code, flush=True)
+    print("rise_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, flush=True)
+"""
+
+
+def test_hostile_sparse_files_cost_little_memory(files, tmp_path):
+    # Sparse files (4 kB on disk) whose headers claim 10**9 and 10**8 images of this model:
+    # info reads only the header, and decode checks the payload in chunks before writing.
+    # Before, info read and unpacked the whole size (3.5 GB for 10**8 MNIST images).
+    model = _model(files)
+    fingerprint = codec.model_fingerprint(model)
+
+    def sparse(name, count):  # the payload checksum (0) is wrong, as an attacker's would be
+        header = codec.Header(fingerprint=fingerprint, shape=model.shape, options=model.options,
+                              stages=3, count=count)
+        fields = struct.pack("<4sBB8sHHHHHII", codec.MAGIC, codec.VERSION, 0, fingerprint,
+                             *model.shape, model.options, 3, count, 0)
+        with open(tmp_path / name, "wb") as f:
+            f.write(fields + struct.pack("<I", zlib.crc32(fields)))
+            f.truncate(header.file_size)
+        return str(tmp_path / name)
+
+    billion, hundred_million = sparse("billion.vqd", 10 ** 9), sparse("1e8.vqd", 10 ** 8)
+    commands = [
+        ["info", billion],
+        ["decode", hundred_million, "-m", str(files / "model.pt"), "-o", str(tmp_path / "one.png")],
+        ["decode", hundred_million, "-m", str(files / "model.pt"), "-o", str(tmp_path / "out")],
+    ]
+    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, "\n".join(map("\t".join, commands))],
+                            cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "images:            1000000000" in out and "info does not read the payload" in out
+    exits = [line for line in out.splitlines() if line.startswith("exit")]
+    assert exits[0] == "exit 0"
+    assert "the files hold 100000000 images" in exits[1]
+    assert "payload checksum mismatch" in exits[2]
+    rises = [int(line.split()[1]) for line in out.splitlines() if line.startswith("rise_kb")]
+    assert len(rises) == 3 and max(rises) < 64 * 1024, rises  # peak rose by under 64 MB
+    assert not os.path.exists(tmp_path / "one.png") and not os.path.exists(tmp_path / "out")

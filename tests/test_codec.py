@@ -1,5 +1,6 @@
 """The .vqd file format (vq_draw/codec.py) and beam-search encoding, on tiny models."""
 
+import io
 import itertools
 import math
 import os
@@ -213,6 +214,86 @@ def test_absurd_header_never_allocates_much(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 2 ** 20
+
+
+def sparse(path, size, payload_crc=0, **fields):
+    """A forged header at the start of a sparse file of ``size`` bytes (the rest reads as zeros)."""
+    with open(path, "wb") as f:
+        f.write(forge(payload_crc=payload_crc, **fields))
+        f.truncate(size)
+    return path
+
+
+def _peak_bytes(function):
+    """Run ``function``; return (its result or the CodecError it raised, peak bytes allocated)."""
+    tracemalloc.start()
+    try:
+        result = function()
+    except CodecError as exc:
+        result = exc
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return result, peak
+
+
+def test_sparse_file_claiming_a_billion_images_is_checked_in_bounded_memory(tmp_path):
+    # A 4 kB file (on disk and in size) whose header claims 10**9 images of 3 stages: found
+    # to be short from the header and the size alone.
+    billion = dict(options=8, stages=3, count=10 ** 9)  # 3 bits per code
+    full = HEADER_SIZE + 10 ** 9 * 9 // 8
+    small = sparse(tmp_path / "small.vqd", 4096, **billion)
+    error, peak = _peak_bytes(lambda: codec.open_file(small))
+    assert isinstance(error, CodecError) and "4096 bytes hold no complete stage" in str(error)
+    assert peak < 2 ** 16
+    # As long as the header says (1.1 GB, sparse: 4 kB on disk): opening reads only the header.
+    big = sparse(tmp_path / "big.vqd", full, **billion)
+    with codec.open_file(big) as reader:
+        assert (reader.size, reader.stages, reader.complete) == (full, 3, True)
+    # One byte more than the header says is found without reading the payload.
+    longer = sparse(tmp_path / "longer.vqd", full + 1, **billion)
+    error, peak = _peak_bytes(lambda: codec.open_file(longer))
+    assert "1 bytes after the end" in str(error) and peak < 2 ** 16
+    # Verifying streams the payload: 10**8 images (112 MB) in a few MB, and the wrong
+    # checksum is found at the end.
+    hundred_million = sparse(tmp_path / "1e8.vqd", HEADER_SIZE + 10 ** 8 * 9 // 8,
+                             options=8, stages=3, count=10 ** 8)
+    with codec.open_file(hundred_million) as reader:
+        error, peak = _peak_bytes(reader.verify)
+    assert "payload checksum mismatch" in str(error) and peak < 2 ** 22
+    error, peak = _peak_bytes(lambda: codec.read_file(hundred_million))
+    assert "payload checksum mismatch" in str(error) and peak < 2 ** 22
+
+
+def test_reader_reads_only_the_images_asked_for(tmp_path):
+    # A valid sparse file of 10**8 images whose codes are all 0 (its checksum computed in
+    # chunks): the last five images cost a few bytes, not the file.
+    count, payload = 10 ** 8, 10 ** 8 * 9 // 8
+    crc = 0
+    for done in range(0, payload, 1 << 24):
+        crc = zlib.crc32(bytes(min(1 << 24, payload - done)), crc)
+    path = sparse(tmp_path / "zeros.vqd", HEADER_SIZE + payload, payload_crc=crc, options=8,
+                  stages=3, count=count)
+    with codec.open_file(path) as reader:
+        error, peak = _peak_bytes(reader.verify)
+        assert error is None and peak < 2 ** 22
+        codes, peak = _peak_bytes(lambda: reader.codes(count - 5, count, stages=2))
+    assert torch.equal(codes, torch.zeros(5, 2, dtype=torch.long)) and peak < 2 ** 16
+
+
+def test_reader_slices_equal_the_whole_file():
+    # 3-bit codes, so slices start and end inside bytes; a cut file too.
+    codes = torch.randint(0, 5, (37, 4), generator=torch.Generator().manual_seed(0))
+    data = codec.pack(codes, b"\0" * 8, (1, 28, 28), 5)
+    header = codec.read_header(data)
+    for cut, stages in ((data, 4), (data[:header.cut_size(3) + 1], 3)):
+        with codec.Reader(io.BytesIO(cut)) as reader:
+            reader.verify()
+            assert (reader.stages, reader.complete) == (stages, stages == 4)
+            assert torch.equal(reader.codes(), codes[:, :stages])
+            for start, stop, n in ((0, 1, 1), (5, 6, stages), (3, 29, 2), (36, 37, stages), (7, 7, 1)):
+                assert torch.equal(reader.codes(start, stop, n), codes[start:stop, :n])
+            with pytest.raises(ValueError):
+                reader.codes(0, 38)
 
 
 def test_unreadable_path_is_a_codec_error(tmp_path):

@@ -154,36 +154,53 @@ def _read_image(path, shape):
 
 
 def run_decode(args):
+    # Three passes, so that nothing is written unless every file is good and memory holds one
+    # batch of codes at a time, whatever a header claims: the headers (checked against the
+    # files' sizes, the model and the output), then each payload in chunks, then the images.
     model = _load_model(args.model, args.device)
-    loaded = []
+    files = []  # (path, header, size, stages to decode)
     for path in args.files:
-        header, codes, complete = codec.read_file(path)
-        codec.check_model(header, model, path)
-        n = _stages(args.stages, codes.shape[1], "--stages", f"{path} holds")
-        if not complete:
-            print(f"note: {path} was cut: it holds {codes.shape[1]} of {header.stages} stages",
-                  file=sys.stderr)
-        loaded.append((path, codes[:, :n]))
-    total = sum(len(c) for _, c in loaded)
+        with codec.open_file(path) as reader:
+            header = reader.header
+            codec.check_model(header, model, path)
+            n = _stages(args.stages, reader.stages, "--stages", f"{path} holds")
+            if not reader.complete:
+                print(f"note: {path} was cut: it holds {reader.stages} of {header.stages} stages",
+                      file=sys.stderr)
+            files.append((path, header, reader.size, n))
+    total = sum(header.count for _, header, _, _ in files)
     if args.output.lower().endswith(".png"):
         if total != 1:
             raise CliError(f"the files hold {total} images; give a folder as -o, not "
                            f"{args.output}")
-        targets = [[args.output]]
+        stems = [None]
     else:
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise CliError(f"-o {args.output} is a file; give a folder, or OUT.png for one image")
-        stems = _unique_names([p for p, _ in loaded], args.output, "")
-        targets = [[f"{stem}.png"] if len(c) == 1 else
-                   [f"{stem}-{i:0{len(str(len(c) - 1))}d}.png" for i in range(len(c))]
-                   for stem, (_, c) in zip(stems, loaded)]
-    _make_parent(targets[0][0])
-    for (path, codes), names in zip(loaded, targets):
-        recons = decode_codes(model, codes, args.batch_size, args.progressive)
-        for name, image in zip(names, recons):
-            save_png(image, name)
-        print(f"wrote {names[0]}" + (f" ... {names[-1]}" if len(names) > 1 else "")
-              + f" ({codes.shape[1]} stages)")
+        stems = _unique_names([path for path, *_ in files], args.output, "")
+    for path, *_ in files:
+        with codec.open_file(path) as reader:
+            reader.verify()
+    for (path, header, size, n), stem in zip(files, stems):
+        def target(index):
+            return args.output if stem is None else _png_name(stem, index, header.count)
+        _make_parent(target(0))
+        with codec.open_file(path) as reader:
+            if (reader.header, reader.size) != (header, size):
+                raise CodecError(f"{path} changed while being decoded; run again")
+            for start in range(0, header.count, args.batch_size):
+                stop = min(start + args.batch_size, header.count)
+                recons = decode_codes(model, reader.codes(start, stop, n), args.batch_size,
+                                      args.progressive)
+                for i, image in enumerate(recons, start):
+                    save_png(image, target(i))
+        last = header.count - 1
+        print(f"wrote {target(0)}" + (f" ... {target(last)}" if last else "") + f" ({n} stages)")
+
+
+def _png_name(stem, index, count):
+    """STEM.png for the one image of a file, else STEM-INDEX.png with INDEX zero-padded."""
+    return f"{stem}.png" if count == 1 else f"{stem}-{index:0{len(str(count - 1))}d}.png"
 
 
 @torch.no_grad()
@@ -221,9 +238,10 @@ def save_png(pixels, path):
 def run_info(args):
     model = _load_model(args.model, "cpu") if args.model else None
     for i, path in enumerate(args.files):
-        header, codes, complete = codec.read_file(path)
-        size = os.path.getsize(path)
-        present = codes.shape[1]
+        # The header only, checked against the file's size: nothing of the payload is read.
+        with codec.open_file(path) as reader:
+            header, size, present, complete = reader.header, reader.size, reader.stages, \
+                reader.complete
         if model is not None:
             codec.check_model(header, model, path)
         lines = [
@@ -240,6 +258,8 @@ def run_info(args):
             ("payload", f"{size - codec.HEADER_SIZE} bytes"
              + ("" if complete else f" of {header.payload_size}")),
             ("file", f"{size} bytes ({codec.HEADER_SIZE}-byte header)"),
+            ("payload checksum", f"{header.payload_crc:08x} (CRC-32; info does not read the "
+             f"payload, decode checks it)"),
         ]
         if i:
             print()

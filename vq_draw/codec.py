@@ -42,10 +42,13 @@ such. A file holding no complete stage is an error.
 one-line reason: foreign magic, another version, header checksum, impossible
 header values, truncation, trailing bytes, payload checksum, code values >= K,
 non-zero padding, and (``check_model``) a file written by another model.
-Nothing is allocated beyond a small multiple of the file's size.
+Nothing is allocated beyond a small multiple of the file's size: the header is
+checked against the size before the payload is read, the payload is read in
+bounded chunks, and ``Reader.codes`` reads only the images asked for.
 """
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -149,14 +152,17 @@ def pack_codes(codes, bits):
     return np.packbits(stream).tobytes()
 
 
-def unpack_codes(payload, count, stages, bits):
-    """The inverse of ``pack_codes`` for the first ``stages`` stages: bytes -> int64 [count x stages]."""
-    total = count * stages * bits
-    stream = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=total).reshape(-1, bits)
-    values = np.zeros(len(stream), dtype=np.int64)
-    for j in range(bits):  # column by column: memory stays a small multiple of the payload
+def codes_from_bits(data, skip, count, bits):
+    """``count`` codes of ``bits`` bits each, starting ``skip`` bits into ``data``: int64 [count].
+
+    The inverse of ``pack_codes`` for one run of the stream (MSB first).
+    """
+    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=skip + count * bits)
+    stream = stream[skip:].reshape(count, bits)
+    values = np.zeros(count, dtype=np.int64)
+    for j in range(bits):  # column by column: memory stays a small multiple of the bytes read
         values |= stream[:, j].astype(np.int64) << (bits - 1 - j)
-    return values.reshape(stages, count).T.copy()
+    return values
 
 
 # ---------------------------------------------------------------------- files
@@ -229,35 +235,118 @@ def read_header(data, name="file"):
 
 
 def unpack(data, name="file"):
-    """Parse a whole .vqd file (or a cut prefix of one).
+    """Parse a whole .vqd file (or a cut prefix of one) held in memory.
 
     :param data: the file's bytes.
     :return: (header, codes) with codes an int64 tensor [N x m], m the complete stages
              present (``header.stages`` unless the file was cut). Raises ``CodecError``.
     """
-    header = read_header(data, name)
-    size = len(data)
-    if size > header.file_size:
-        raise CodecError(f"{name} is corrupt: {size - header.file_size} bytes after the end of "
-                         f"the payload ({header.file_size} bytes expected)")
-    payload = bytes(data[HEADER_SIZE:])
-    if size == header.file_size:
-        if zlib.crc32(payload) != header.payload_crc:
-            raise CodecError(f"{name} is corrupt: payload checksum mismatch")
-        stages = header.stages
-        used = header.count * stages * header.bits
-        if used % 8 and payload[-1] & ((1 << (8 - used % 8)) - 1):
-            raise CodecError(f"{name} is corrupt: non-zero padding bits")
-    else:
-        stages = header.stages_in(size)
-        if stages < 1:
-            raise CodecError(f"{name} is truncated: {size} bytes hold no complete stage (at least "
-                             f"{header.cut_size(1)} of {header.file_size} bytes needed)")
-    codes = unpack_codes(payload, header.count, stages, header.bits)
-    if header.options < (1 << header.bits) and codes.size and codes.max() >= header.options:
-        raise CodecError(f"{name} is corrupt: code value {int(codes.max())} is not below the "
-                         f"{header.options} options")
-    return header, torch.from_numpy(codes)
+    with Reader(io.BytesIO(data), name) as reader:
+        reader.verify()
+        return reader.header, reader.codes()
+
+
+class Reader:
+    """A .vqd file read piece by piece, so that memory never follows what a header claims.
+
+    Opening reads only the header and compares it with the file's size: a header that
+    claims more than the file holds, or a file longer than its header says, fails here,
+    before any payload is read. ``verify`` then reads the payload once in bounded
+    chunks (checksum, padding, code values), and ``codes`` reads only the bits of the
+    images asked for. A cut file holds ``stages`` < ``header.stages`` complete stages.
+
+    :param file: a seekable binary file object, positioned anywhere; closed by ``close``.
+    :param name: how errors name the file.
+    """
+
+    # Codes checked per read in ``verify``: a multiple of 8, so that a chunk of
+    # ``bits * CHUNK_CODES // 8`` bytes starts and ends on a code boundary.
+    CHUNK_CODES = 1 << 19
+
+    def __init__(self, file, name="file"):
+        self.file, self.name = file, name
+        try:
+            self.size = file.seek(0, os.SEEK_END)
+            file.seek(0)
+            head = file.read(HEADER_SIZE)
+        except OSError as exc:
+            raise CodecError(f"cannot read {name}: {exc.strerror or exc}") from None
+        self.header = header = read_header(head, name)
+        if self.size > header.file_size:
+            raise CodecError(f"{name} is corrupt: {self.size - header.file_size} bytes after the "
+                             f"end of the payload ({header.file_size} bytes expected)")
+        self.complete = self.size == header.file_size
+        self.stages = header.stages if self.complete else header.stages_in(self.size)
+        if self.stages < 1:
+            raise CodecError(f"{name} is truncated: {self.size} bytes hold no complete stage (at "
+                             f"least {header.cut_size(1)} of {header.file_size} bytes needed)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.file.close()
+
+    def verify(self):
+        """Check the payload: checksum and padding (complete files) and that every code of the
+        complete stages is below K. Reads it once, ``bits * CHUNK_CODES / 8`` bytes at a time."""
+        header, bits = self.header, self.header.bits
+        codes_left = header.count * self.stages  # a cut file's partial stage is never decoded
+        check_values = header.options < (1 << bits)
+        # A complete file is read to its end for the checksum; a cut one only as far as its codes go.
+        left = self.size - HEADER_SIZE if self.complete else -(-codes_left * bits // 8)
+        crc, largest, chunk = 0, 0, b""
+        self.file.seek(HEADER_SIZE)
+        while left > 0:
+            chunk = self._read(min(left, bits * self.CHUNK_CODES // 8))
+            left -= len(chunk)
+            crc = zlib.crc32(chunk, crc)
+            if check_values and codes_left > 0:
+                count = min(codes_left, 8 * len(chunk) // bits)
+                largest = max(largest, int(codes_from_bits(chunk, 0, count, bits).max()))
+                codes_left -= count
+        if self.complete:
+            if crc != header.payload_crc:
+                raise CodecError(f"{self.name} is corrupt: payload checksum mismatch")
+            used = header.count * header.stages * bits
+            if used % 8 and chunk[-1] & ((1 << (8 - used % 8)) - 1):
+                raise CodecError(f"{self.name} is corrupt: non-zero padding bits")
+        if largest >= header.options:
+            raise CodecError(f"{self.name} is corrupt: code value {largest} is not below the "
+                             f"{header.options} options")
+
+    def codes(self, start=0, stop=None, stages=None):
+        """Codes of images ``start`` to ``stop - 1`` (default all) in their first ``stages``
+        stages (default all the file holds): int64 tensor [stop - start x stages].
+
+        Reads only those bits, one run per stage. Values are checked by ``verify``.
+        """
+        header, bits = self.header, self.header.bits
+        stop = header.count if stop is None else stop
+        stages = self.stages if stages is None else stages
+        if not (0 <= start <= stop <= header.count and 0 <= stages <= self.stages):
+            raise ValueError(f"images {start}:{stop} and {stages} stages asked of a file holding "
+                             f"{header.count} images of {self.stages} stages")
+        out = np.empty((stop - start, stages), dtype=np.int64)
+        for stage in range(stages):
+            first = (stage * header.count + start) * bits  # bit offsets into the payload
+            end = (stage * header.count + stop) * bits
+            self.file.seek(HEADER_SIZE + first // 8)
+            data = self._read(-(-end // 8) - first // 8)
+            out[:, stage] = codes_from_bits(data, first % 8, stop - start, bits)
+        return torch.from_numpy(out)
+
+    def _read(self, size):
+        try:
+            data = self.file.read(size)
+        except OSError as exc:
+            raise CodecError(f"cannot read {self.name}: {exc.strerror or exc}") from None
+        if len(data) < size:  # the size was checked on opening: the file shrank since
+            raise CodecError(f"{self.name} is truncated: it became shorter while being read")
+        return data
 
 
 def check_model(header, model, name="file"):
@@ -279,30 +368,31 @@ def check_model(header, model, name="file"):
 # ---------------------------------------------------------------------- paths and models
 
 
-def read_file(path):
-    """Read a .vqd file without ever reading more than a valid file could hold.
+def open_file(path):
+    """Open a .vqd file as a ``Reader``: only its header is read, and checked against its size.
 
-    :return: (header, codes [N x m], complete) where complete is False for a cut file.
+    Use it in a ``with`` block. Raises ``CodecError``.
     """
     name = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(HEADER_SIZE)
-            header = read_header(head, name)
-            # Up to one byte more than the payload, to notice trailing data; in chunks, so
-            # that an absurd size in the header never allocates more than the file holds.
-            chunks, left = [], header.payload_size + 1
-            while left > 0:
-                chunk = f.read(min(left, 1 << 16))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                left -= len(chunk)
-            rest = b"".join(chunks)
+        file = open(path, "rb")
     except OSError as exc:
         raise CodecError(f"cannot read {name}: {exc.strerror or exc}") from None
-    header, codes = unpack(head + rest, name)
-    return header, codes, codes.shape[1] == header.stages
+    try:
+        return Reader(file, name)
+    except BaseException:
+        file.close()
+        raise
+
+
+def read_file(path):
+    """Read and check a whole .vqd file; memory is bounded by the codes it really holds.
+
+    :return: (header, codes [N x m], complete) where complete is False for a cut file.
+    """
+    with open_file(path) as reader:
+        reader.verify()
+        return reader.header, reader.codes(), reader.complete
 
 
 def write_file(path, data):
