@@ -1,9 +1,11 @@
-"""The shipped MNIST model, its figures and the notebooks that use it.
+"""The shipped MNIST model, its figures and the notebooks.
 
-Everything here is skipped when ``pretrained/mnist_model.pt`` or the MNIST test
+The MNIST tests are skipped when ``pretrained/mnist_model.pt`` or the MNIST test
 data is absent. The data is looked up in ``$VQ_DRAW_DATA``, then in
 ``../shared/data`` beside the repository (a torchvision root holding MNIST/).
-Notebooks run headless in quick mode (``VQ_DRAW_QUICK=1`` shrinks their data).
+Notebooks run headless in quick mode (``VQ_DRAW_QUICK=1`` shrinks their data);
+``mnist_demo.ipynb`` also runs with no data and downloads blocked, and
+``svhn_demo.ipynb`` (no SVHN model ships) on an SVHN model made in the test.
 """
 
 import glob
@@ -18,7 +20,8 @@ from vq_draw.data import DataError, load_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "pretrained", "mnist_model.pt")
-NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "*.ipynb")))
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "mnist_*.ipynb")))  # the shipped model's
+SVHN_DEMO = os.path.join(ROOT, "svhn_demo.ipynb")
 
 
 def mnist_dir():
@@ -149,21 +152,165 @@ def test_make_images_writes_every_figure(model, data_dir, tmp_path):
     assert Image.open(tmp_path / "mnist_stages.png").size == (11 * 30 + 2, 10 * 30 + 2)
 
 
-@needs_model
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
-def test_notebook_runs(path, data_dir, monkeypatch):
+def _notebook(path, monkeypatch, cwd=ROOT, **env):
+    """(notebook, client) ready to execute ``path`` in a kernel started in ``cwd``.
+
+    The kernel inherits this environment: the repository importable, the VQ_DRAW_* variables
+    unset except those given in ``env``.
+    """
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    # The kernel inherits this environment.
-    monkeypatch.setenv("VQ_DRAW_QUICK", "1")
-    monkeypatch.setenv("VQ_DRAW_DATA", data_dir)
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    monkeypatch.delenv("VQ_DRAW_MODEL", raising=False)
+    for name in ("VQ_DRAW_MODEL", "VQ_DRAW_DATA", "VQ_DRAW_QUICK", "VQ_DRAW_DIGITS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": ROOT}})
-    client.execute()  # raises CellExecutionError on the first failing cell
+                                     resources={"metadata": {"path": str(cwd)}})
+    return nb, client
+
+
+def _run(path, monkeypatch, cwd=ROOT, **env):
+    """Execute a notebook (raises CellExecutionError on the first failing cell); returns it."""
+    nb, client = _notebook(path, monkeypatch, cwd, **env)
+    client.execute()
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
               if o.output_type == "error"]
     assert not errors
+    return nb
+
+
+def _printed(cell):
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.output_type == "stream")
+
+
+def _pngs(cell):
+    return sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+
+
+def _code_cells(nb):
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def test_every_notebook_is_executed_by_a_test():
+    assert {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.ipynb"))} == \
+        {os.path.basename(p) for p in NOTEBOOKS} | {"svhn_demo.ipynb"}
+
+
+@needs_model
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
+def test_notebook_runs(path, data_dir, monkeypatch):
+    nb = _run(path, monkeypatch, VQ_DRAW_QUICK="1", VQ_DRAW_DATA=data_dir)
+    if path.endswith("mnist_demo.ipynb"):
+        printed = "".join(_printed(cell) for cell in _code_cells(nb))
+        assert "MNIST test digits from" in printed and "skipping" not in printed
+        assert "MSE (normalized space) of these 32 digits" in printed
+
+
+# A proxy on a closed local port: urllib (torchvision's downloads) fails at once, whether or
+# not the machine has internet. The kernel is another process, so the ``no_downloads``
+# fixture's patches would not reach it; the proxy variables do.
+BLOCKED = "http://127.0.0.1:9"
+
+
+@needs_model
+def test_mnist_demo_without_data_shows_what_needs_none(monkeypatch, tmp_path):
+    """A fresh clone with no MNIST and no internet: the notebook tries ./data and the download
+    (as the training scripts do), then shows samples, the hand-written code, the proposals and
+    stage rows of random codes, and says in one line what it skipped and why."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, BLOCKED)
+    nb = _run(os.path.join(ROOT, "mnist_demo.ipynb"), monkeypatch, cwd=tmp_path, VQ_DRAW_MODEL=MODEL)
+    cells = _code_cells(nb)
+    skipped = [line for line in _printed(cells[0]).splitlines() if "skipping" in line]
+    assert len(skipped) == 1 and "could not be downloaded" in skipped[0], _printed(cells[0])
+    assert not any(files for _, _, files in os.walk(tmp_path / "data")), "MNIST was downloaded"
+    shown = [_pngs(cell) for cell in cells]
+    # Samples (2), the hand-written code (2), its stage-3 proposals (1), random codes' stages (1);
+    # nothing from the cells that need test digits.
+    assert shown == [0, 0, 2, 2, 1, 1, 0, 0, 0], shown
+    assert "picks option" in _printed(cells[4])
+
+
+@pytest.fixture(scope="module")
+def svhn_model(tmp_path_factory):
+    """An untrained model of the published SVHN architecture (K = 64, 20 stages, 4 networks)."""
+    from vq_draw import create_model
+    from vq_draw.checkpoint import export_model
+
+    torch.manual_seed(0)
+    model = create_model("svhn")
+    assert (model.options, model.num_stages, len(model.refiner.refiners)) == (64, 20, 4)
+    path = tmp_path_factory.mktemp("svhn") / "svhn_model.pt"
+    export_model(model, str(path))
+    return str(path)
+
+
+def _svhn_test_set(folder, count=6):
+    """A synthetic test_32x32.mat in torchvision's layout (see ../shared/data/README.md)."""
+    import numpy as np
+    scipy_io = pytest.importorskip("scipy.io")
+
+    rng = np.random.default_rng(0)
+    scipy_io.savemat(os.path.join(folder, "test_32x32.mat"),
+                     {"X": rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8),
+                      "y": rng.integers(1, 11, (count, 1))})
+    return str(folder)
+
+
+def test_svhn_demo_runs_on_a_model_and_test_data(svhn_model, monkeypatch, tmp_path):
+    nb = _run(SVHN_DEMO, monkeypatch, VQ_DRAW_QUICK="1", VQ_DRAW_MODEL=svhn_model,
+              VQ_DRAW_DATA=_svhn_test_set(tmp_path))
+    cells = _code_cells(nb)
+    # The hand-written code, its stages, its stage-3 proposals, random codes, reconstructions.
+    assert [_pngs(cell) for cell in cells] == [0, 1, 1, 1, 1, 1, 0]
+    assert "20 stages x 64 options = 120 bits" in _printed(cells[0])
+    assert "picks option" in _printed(cells[3])
+    assert "6 SVHN test images" in _printed(cells[5])
+
+
+def test_svhn_demo_without_data_skips_only_the_reconstructions(svhn_model, monkeypatch, tmp_path):
+    nb = _run(SVHN_DEMO, monkeypatch, cwd=tmp_path, VQ_DRAW_QUICK="1", VQ_DRAW_MODEL=svhn_model)
+    cells = _code_cells(nb)
+    assert [_pngs(cell) for cell in cells] == [0, 1, 1, 1, 1, 0, 0]
+    assert _printed(cells[5]).startswith("skipping the reconstructions of test images: svhn test data")
+    assert len(_printed(cells[5]).splitlines()) == 1
+
+
+def test_svhn_demo_without_a_model_stops_in_its_first_cell(monkeypatch, tmp_path):
+    nbclient = pytest.importorskip("nbclient")
+    nb, client = _notebook(SVHN_DEMO, monkeypatch, VQ_DRAW_MODEL=str(tmp_path / "svhn_model.pt"))
+    with pytest.raises(nbclient.exceptions.CellExecutionError):
+        client.execute()
+    first, *rest = _code_cells(nb)
+    (error,) = [o for o in first.outputs if o.output_type == "error"]
+    assert error.ename == "FileNotFoundError"
+    assert "svhn_model.pt does not exist" in error.evalue and "\n" not in error.evalue
+    for words in ("python train_svhn.py", "python -m vq_draw.convert svhn_model.pt"):
+        assert words in error.evalue
+    assert not any(cell.outputs for cell in rest)
+    # The first cell's explanation gives the same two ways.
+    assert "python train_svhn.py" in nb.cells[0].source and "vq_draw.convert" in nb.cells[0].source
+
+
+@needs_model
+def test_make_images_can_refresh_only_the_notebooks(monkeypatch, tmp_path):
+    """``--notebooks --no-figures`` executes both MNIST notebooks with the given model and data
+    and writes no figure (nor needs the data itself)."""
+    import vq_draw.make_images as make_images
+
+    executed = []
+    monkeypatch.setattr(make_images, "execute_notebook", lambda path: executed.append(
+        (path, os.environ["VQ_DRAW_MODEL"], os.environ.get("VQ_DRAW_DATA"))))
+    monkeypatch.chdir(ROOT)
+    for name in ("VQ_DRAW_MODEL", "VQ_DRAW_DATA"):
+        monkeypatch.setenv(name, "unchanged")  # main() sets them for the kernels; restored after
+    data = tmp_path / "no_data_here"
+    make_images.main(["--model", MODEL, "--data-dir", str(data), "--out", str(tmp_path / "figures"),
+                      "--notebooks", "--no-figures"])
+    assert executed == [(path, MODEL, str(data)) for path in make_images.NOTEBOOKS]
+    assert not (tmp_path / "figures").exists()

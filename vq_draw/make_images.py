@@ -15,7 +15,8 @@ re-running after the model changes replaces the figures like for like.
 ``--eval`` also evaluates the model on the whole test set (``vq_draw.evaluate``:
 table printed, JSON written to ``OUT/mnist_eval.json``), and ``--notebooks``
 re-executes ``mnist_demo.ipynb`` and ``mnist_classify.ipynb`` in place (with the
-same model and data), so that one command refreshes everything the README shows.
+same model and data), so that one command refreshes everything the README shows;
+``--notebooks --no-figures`` re-executes only the notebooks.
 The notebooks also read ``VQ_DRAW_DIGITS`` / ``VQ_DRAW_QUICK`` from the environment
 (a subset of the digits for the classifier notebook).
 """
@@ -98,17 +99,20 @@ def main(argv=None):
                         help="also evaluate on the whole test set and write OUT/mnist_eval.json")
     parser.add_argument("--notebooks", action="store_true",
                         help=f"also re-execute {' and '.join(NOTEBOOKS)} (in the current folder) in place")
+    parser.add_argument("--no-figures", dest="figures", action="store_false",
+                        help="do not write the PNG files (with --notebooks: only the notebooks)")
     args = parser.parse_args(argv)
     try:
         model = load_model(args.model)
         if model.config.get("dataset") != "mnist":
             raise CheckpointError(f"{args.model} is a {model.config.get('dataset')} model; "
                                   f"these figures are for MNIST")
-        dataset = load_dataset("mnist", "test", args.data_dir)
+        dataset = load_dataset("mnist", "test", args.data_dir) if args.figures else None
     except (CheckpointError, DataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    for path in make_images(model, dataset, args.out):
-        print(f"wrote {path}")
+    if args.figures:
+        for path in make_images(model, dataset, args.out):
+            print(f"wrote {path}")
     if args.eval:
         from .evaluate import main as evaluate_main
 
