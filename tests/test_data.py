@@ -2,6 +2,7 @@
 and the deterministic, resumable, shardable batch order."""
 
 import os
+import re
 import socket
 import time
 
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from vq_draw import data
-from vq_draw.data import (ArrayDataset, BatchSampler, DataError, ImageFileDataset, fixed_images,
-                          iterate_batches, load_dataset)
-from conftest import write_npz
+from vq_draw.data import (ArrayDataset, BatchSampler, DataError, ImageFileDataset, ImageReadError,
+                          fixed_images, iterate_batches, load_dataset)
+from conftest import run_script, write_npz
 
 # ---------------------------------------------------------------------- npz
 
@@ -161,6 +162,76 @@ def test_image_batches_through_the_loader_match_items(tmp_path):
     # and is restored on resume.
     assert torch.equal(torch.rand(3), expected_draw)
     assert torch.equal(fixed_images(train, 3), torch.stack([train[i] for i in range(3)]))
+
+
+def _bad_images_folder(folder, count=30):
+    """``count`` gray PNGs in ``folder``: 005.png truncated, 020.png garbage, the rest good
+    (with the default split, the last 3 are the test split and the rest train)."""
+    write_images(str(folder), count, mode="L")
+    data = (folder / "005.png").read_bytes()
+    (folder / "005.png").write_bytes(data[:len(data) // 2])
+    (folder / "020.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(60))
+    return folder
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image_in_a_batch_is_one_line_naming_the_file(tmp_path, workers):
+    train = load_dataset("mnist", "train", str(_bad_images_folder(tmp_path)))
+    batches = iterate_batches(train, BatchSampler(len(train), 27, seed=0), workers)
+    with pytest.raises(ImageReadError) as info:  # worker or not: the error itself, not its traceback
+        next(batches)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message
+    assert re.fullmatch(r"cannot read image .*(005|020)\.png: .+", message), message
+
+
+def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path):
+    folder = str(_bad_images_folder(tmp_path, count=40))  # test split: 036 to 039
+    (tmp_path / "037.png").write_bytes(b"not a png")
+    plain = load_dataset("mnist", "train", folder)
+    train = load_dataset("mnist", "train", folder, skip_bad_images=True)
+    test = load_dataset("mnist", "test", folder, skip_bad_images=True)
+    names = [os.path.basename(p) for p in train.paths]
+    assert len(plain) == 36 and len(train) == 34 and "005.png" not in names and "020.png" not in names
+    assert [os.path.basename(p) for p in test.paths] == ["036.png", "038.png", "039.png"]
+    assert [os.path.basename(p) for p, _ in train.skipped + test.skipped] == \
+        ["005.png", "020.png", "037.png"]
+    # The split is made first: the good images are where they were.
+    assert train.paths == [p for p in plain.paths if os.path.basename(p) not in ("005.png", "020.png")]
+    note = data.skipped_images_note(train, test)
+    assert re.fullmatch(r"skipped 3 of 40 image files: cannot read image .*005\.png: .+ "
+                        r"\(and 2 more\)", note), note
+    assert data.skipped_images_note(plain) is None
+    batches = iterate_batches(train, BatchSampler(len(train), 17, seed=0), 2)
+    assert next(batches).shape == (17, 1, 28, 28) and next(batches).shape == (17, 1, 28, 28)
+    # Nothing to skip in arrays; and the flag is harmless there.
+    write_npz(tmp_path / "d.npz", 20, (1, 28, 28))
+    assert data.skipped_images_note(load_dataset("mnist", "train", str(tmp_path / "d.npz"),
+                                                 skip_bad_images=True)) is None
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_training_script_on_a_folder_with_a_bad_image(tmp_path, workers):
+    """The real command: one error line naming the file, or with --skip-bad-images one
+    warning line with the count, and training goes on (a process each: ~10 s)."""
+    folder = str(_bad_images_folder(tmp_path / "images"))
+    flags = ["--data-dir", folder, "--stages", "2", "--options", "4", "--batch", "2",
+             "--step-limit", "14", "--save-interval", "14", "--log-interval", "1000",
+             "--eval-size", "3", "--workers", workers, "--device", "cpu", "--no-progress"]
+    failed = run_script("train_mnist.py", [*flags, "--run-dir", str(tmp_path / "a")])
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1, failed.stderr  # an epoch of 13 batches reaches 005.png and 020.png
+    assert re.fullmatch(r"error: cannot read image .*(005|020)\.png: .+; --skip-bad-images leaves "
+                        r"such files out", lines[0]), lines[0]
+    skipped = run_script("train_mnist.py", [*flags, "--run-dir", str(tmp_path / "b"),
+                                            "--skip-bad-images", "--step-limit", "2",
+                                            "--save-interval", "2"])
+    assert skipped.returncode == 0, skipped.stderr
+    warnings = [line for line in skipped.stderr.splitlines() if "skipped" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 2 of 30 image files: "
+                                                         "cannot read image "), skipped.stderr
+    assert os.path.exists(tmp_path / "b" / "checkpoint.pt")
 
 
 # ---------------------------------------------------------------------- SVHN

@@ -278,7 +278,7 @@ def run_rd(args):
     dataset = model.config.get("dataset")
     if dataset is None:
         raise CliError(f"{args.model} does not name its dataset; cannot pick a test set")
-    data = load_dataset(dataset, "test", args.data_dir, download=args.download)
+    data = load_dataset(dataset, "test", args.data_dir, download=args.download, shape=model.shape)
     images = fixed_images(data, args.limit or len(data))
     beam_stages = args.beam_stages
     if beam_stages is not None:

@@ -1,30 +1,32 @@
 """The per-dataset table, and building a model from a config (loading one: ``checkpoint``).
 
 Dataset differences are data: one ``DATASETS`` entry per dataset gives the image
-shape, normalization, refiner, published stages/segment/output scale and the
-published training recipe. Everything else is shared.
+shape (the images' own, from ``data.IMAGE_SHAPES``), normalization, refiner,
+published stages/segment/output scale and the published training recipe.
+Everything else is shared.
 """
 
+from .data import IMAGE_SHAPES
 from .encoder import VQDraw
 from .refiners import build_refiner
 
 DATASETS = {
     "mnist": dict(
-        shape=(1, 28, 28), mean=0.1307, std=0.3081, stages=10, segment=None, output_scale=0.1,
+        shape=IMAGE_SHAPES["mnist"], mean=0.1307, std=0.3081, stages=10, segment=None, output_scale=0.1,
         # 50,000 steps of batch 32, lr linearly from 1e-3 to 0.
         train=dict(batch=32, step_limit=50000, step_interval=1, lr_final=0.0, grad_checkpoint=False),
     ),
     "svhn": dict(
-        shape=(3, 32, 32), mean=0.5, std=0.5, stages=20, segment=5, output_scale=0.1,
+        shape=IMAGE_SHAPES["svhn"], mean=0.5, std=0.5, stages=20, segment=5, output_scale=0.1,
         # The original's --lr-final defaults to 0, and its SVHN command does not set it.
         train=dict(batch=32, step_limit=70000, step_interval=16, lr_final=0.0, grad_checkpoint=False),
     ),
     "cifar10": dict(
-        shape=(3, 32, 32), mean=0.5, std=0.5, stages=100, segment=10, output_scale=0.01,
+        shape=IMAGE_SHAPES["cifar10"], mean=0.5, std=0.5, stages=100, segment=10, output_scale=0.01,
         train=dict(batch=32, step_limit=34811, step_interval=16, lr_final=None, grad_checkpoint=True),
     ),
     "celeba": dict(
-        shape=(3, 64, 64), mean=0.5, std=0.5, stages=100, segment=10, output_scale=0.01,
+        shape=IMAGE_SHAPES["celeba"], mean=0.5, std=0.5, stages=100, segment=10, output_scale=0.01,
         train=dict(batch=32, step_limit=36194, step_interval=16, lr_final=None, grad_checkpoint=True),
     ),
 }

@@ -1,8 +1,8 @@
 """Datasets: torchvision downloads, local folders of images and .npz arrays.
 
-Every dataset yields images in [0, 1] as float tensors ``[C x H x W]`` with the
-named dataset's shape; the model normalizes them itself (``model.normalize``).
-Where to look is decided by ``data_dir``:
+Every dataset yields images in [0, 1] as float tensors ``[C x H x W]`` of the
+shape asked for (by default the named dataset's, ``IMAGE_SHAPES``); the model
+normalizes them itself (``model.normalize``). Where to look is decided by ``data_dir``:
 
 - an ``.npz`` file with an ``images`` array (uint8, NHWC): train and test are
   split from it (the last tenth, at most 1,000 images, is the test split);
@@ -14,14 +14,17 @@ Where to look is decided by ``data_dir``:
 import glob
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import DATASETS
-
+# Each dataset's images as the published models see them, [C x H x W] (CelebA's aligned
+# 178 x 218 faces are resized and center-cropped to 64 x 64).
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "svhn": (3, 32, 32), "cifar10": (3, 32, 32),
+                "celeba": (3, 64, 64)}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TORCHVISION_LAYOUT = {
     "mnist": "MNIST/raw/ (torchvision.datasets.MNIST)",
@@ -38,6 +41,10 @@ DOWNLOAD_TIMEOUT = 10
 
 class DataError(RuntimeError):
     """Data that is missing, unreadable or cannot be downloaded."""
+
+
+class ImageReadError(DataError):
+    """An image file that cannot be read (what ``skip_bad_images`` leaves out)."""
 
 
 class ArrayDataset(Dataset):
@@ -60,21 +67,41 @@ class ArrayDataset(Dataset):
 
 
 class ImageFileDataset(Dataset):
-    """Image files read with Pillow, converted to ``shape`` like the named dataset.
+    """Image files read with Pillow, converted to ``shape`` (C, H, W).
 
     The shorter side is resized to fit, then the center is cropped (for CelebA
-    this is the published Resize(64), CenterCrop(64)).
+    this is the published Resize(64), CenterCrop(64)). ``skipped`` lists the
+    (path, reason) of files left out by ``without_unreadable``.
     """
 
-    def __init__(self, paths, shape):
+    def __init__(self, paths, shape, skipped=()):
         self.paths = list(paths)
         self.shape = tuple(shape)
+        self.skipped = list(skipped)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
         return load_image(self.paths[index], self.shape)
+
+    def without_unreadable(self):
+        """This dataset less the files that cannot be read, which go to ``skipped``.
+
+        Reads every image once, in threads (Pillow decodes without holding the GIL).
+        """
+        def reason(path):
+            try:
+                load_image(path, self.shape)
+            except ImageReadError as exc:
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+            reasons = list(pool.map(reason, self.paths, chunksize=64))
+        keep = [path for path, why in zip(self.paths, reasons) if why is None]
+        bad = [(path, why) for path, why in zip(self.paths, reasons) if why is not None]
+        return ImageFileDataset(keep, self.shape, self.skipped + bad)
 
 
 def load_image(path, shape):
@@ -88,17 +115,50 @@ def load_image(path, shape):
             img = TF.resize(img, min(shape[1:]))
             img = TF.center_crop(img, list(shape[1:]))
             return TF.to_tensor(img)
-    except OSError as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow raises several types (OSError, SyntaxError, ValueError, ...)
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ImageReadError(f"cannot read image {path}: {text}") from None
 
 
-def load_dataset(name, split="train", data_dir=None, download=True):
-    """The ``split`` ("train" or "test") of dataset ``name``, found as described above."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+def load_dataset(name, split="train", data_dir=None, download=True, shape=None,
+                 skip_bad_images=False):
+    """The ``split`` ("train" or "test") of dataset ``name``, found as described above.
+
+    :param shape: (C, H, W) every image is converted to, e.g. ``model.shape``; default
+                  ``IMAGE_SHAPES[name]``. An .npz must hold images of this shape already.
+    :param skip_bad_images: leave out image files that cannot be read (each is read once
+                  here to find them; see ``skipped_images_note``) instead of failing on the
+                  first when it is reached. The train/test split is made before, so it stays
+                  the same.
+    """
+    if name not in IMAGE_SHAPES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(IMAGE_SHAPES)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    shape = DATASETS[name]["shape"]
+    shape = tuple(IMAGE_SHAPES[name] if shape is None else shape)
+    dataset = _find(name, split, data_dir, download, shape)
+    if isinstance(dataset, ArrayDataset) and tuple(dataset.images.shape[1:]) != shape:
+        found = "x".join(map(str, dataset.images.shape[1:]))
+        raise DataError(f"the {name} {split} images are {found}, not the "
+                        f"{'x'.join(map(str, shape))} asked for")
+    if skip_bad_images and isinstance(dataset, ImageFileDataset):
+        dataset = dataset.without_unreadable()
+    return dataset
+
+
+def skipped_images_note(*datasets):
+    """One line on the image files ``skip_bad_images`` left out of ``datasets``; None if none."""
+    skipped = [item for d in datasets for item in getattr(d, "skipped", ())]
+    if not skipped:
+        return None
+    total = len(skipped) + sum(len(d) for d in datasets)
+    more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+    return f"skipped {len(skipped)} of {total} image files: {skipped[0][1]}{more}"
+
+
+def _find(name, split, data_dir, download, shape):
     root = data_dir or "data"
     if data_dir is not None and not os.path.exists(data_dir):
         raise DataError(f"--data-dir {data_dir} does not exist; give a torchvision root, a folder "
@@ -114,7 +174,7 @@ def load_dataset(name, split="train", data_dir=None, download=True):
     images = _image_folder(name, root)
     if images:
         return _split(ImageFileDataset(images, shape), split)
-    return _torchvision(name, split, root, download)
+    return _torchvision(name, split, root, download, shape)
 
 
 def _load_npz(path, shape):
@@ -164,7 +224,7 @@ def _split(dataset, split):
     return ImageFileDataset(dataset.paths[indices.start:indices.stop], dataset.shape)
 
 
-def _torchvision(name, split, root, download):
+def _torchvision(name, split, root, download, shape):
     import torchvision.datasets as tvd
 
     if name == "mnist" and os.path.basename(os.path.normpath(root)) == "MNIST":
@@ -173,7 +233,7 @@ def _torchvision(name, split, root, download):
         if name == "svhn" and os.path.isfile(os.path.join(root, f"{split}_32x32.mat")):
             return _load_svhn_mat(os.path.join(root, f"{split}_32x32.mat"))
         with _socket_timeout(DOWNLOAD_TIMEOUT):
-            return _torchvision_dataset(tvd, name, split, root, download)
+            return _torchvision_dataset(tvd, name, split, root, download, shape)
     except DataError:
         raise
     except Exception as exc:
@@ -194,8 +254,9 @@ def _reason(exc, limit=240):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _torchvision_dataset(tvd, name, split, root, download):
-    """The split from torchvision's own layout under ``root`` (downloaded when allowed)."""
+def _torchvision_dataset(tvd, name, split, root, download, shape):
+    """The split from torchvision's own layout under ``root`` (downloaded when allowed); CelebA's
+    image files are converted to ``shape``."""
     if name == "mnist":
         ds = tvd.MNIST(root, train=split == "train", download=download)
         return ArrayDataset(ds.data.unsqueeze(1).contiguous(), ds.targets)
@@ -208,7 +269,7 @@ def _torchvision_dataset(tvd, name, split, root, download):
         return ArrayDataset(torch.from_numpy(ds.data).contiguous(), torch.as_tensor(ds.labels))
     ds = tvd.CelebA(root, split=split, target_type=[], download=download)
     folder = os.path.join(root, ds.base_folder, "img_align_celeba")
-    return ImageFileDataset([os.path.join(folder, f) for f in ds.filename], DATASETS[name]["shape"])
+    return ImageFileDataset([os.path.join(folder, f) for f in ds.filename], shape)
 
 
 def _load_svhn_mat(path):
@@ -284,14 +345,61 @@ class BatchSampler:
 
 
 def iterate_batches(dataset, sampler, num_workers=0):
-    """Endless iterator of image batches [B x C x H x W] in [0, 1] for a BatchSampler."""
+    """Endless iterator of image batches [B x C x H x W] in [0, 1] for a BatchSampler.
+
+    An image that cannot be read ends it with the one-line ``DataError`` naming the file,
+    whether it was read here or in a DataLoader worker process.
+    """
     if isinstance(dataset, ArrayDataset):
         return (dataset.batch(indices) for indices in sampler)
     # A generator of its own: DataLoader otherwise draws its worker seed from the global RNG,
     # which would shift the exploration (epsilon) draws of a resumed run.
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                        persistent_workers=num_workers > 0, generator=torch.Generator())
-    return iter(loader)
+    loader = DataLoader(_ErrorsAsItems(dataset), batch_sampler=sampler, num_workers=num_workers,
+                        persistent_workers=num_workers > 0, generator=torch.Generator(),
+                        collate_fn=_stack_or_error)
+    return _raise_errors(iter(loader))
+
+
+class _ErrorsAsItems(Dataset):
+    """A dataset whose ``DataError`` is returned as the item instead of raised: a worker
+    process passes it back whole, where a raised one would arrive as a worker traceback."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except DataError as exc:
+            return exc
+
+
+def _stack_or_error(items):
+    """Images -> a batch [B x C x H x W], or the first DataError among them."""
+    for item in items:
+        if isinstance(item, DataError):
+            return item
+    return torch.stack(items)
+
+
+def _raise_errors(batches):
+    """Yield the batches; raise a DataError item, and anything else the loader raises (a worker
+    that died or failed otherwise, reported with its whole traceback) as one line."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            what = lines[-1] if lines else type(exc).__name__  # a traceback ends with its error
+            raise DataError(f"loading images failed: {what}") from None
+        if isinstance(batch, DataError):
+            raise batch
+        yield batch
 
 
 def fixed_images(dataset, count):

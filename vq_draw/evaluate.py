@@ -155,7 +155,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         model = load_model(args.checkpoint, map_location=args.device)
-        data = load_dataset(model.config["dataset"], args.split, args.data_dir)
+        data = load_dataset(model.config["dataset"], args.split, args.data_dir, shape=model.shape)
     except (CheckpointError, DataError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     if args.limit:

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import CheckpointError, SaveError
 from .config import DATASETS, create_model
-from .data import DataError, load_dataset
+from .data import DataError, ImageReadError, load_dataset, skipped_images_note
 from .train import Interrupted, RunDirError, TrainLoop, check_settings
 
 
@@ -66,6 +66,9 @@ def build_parser(dataset, prog=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes for image files")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out image files that cannot be read, and say how many, instead "
+                             "of stopping at the first (reads every image once before training)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (choices on fp32 losses)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the refiner networks (minutes to compile; for GPUs)")
@@ -120,8 +123,12 @@ def train(args, objective=None, start=None):
                              epsilon=args.epsilon, grad_decay=args.grad_decay,
                              grad_checkpoint=args.grad_checkpoint)
         model.channels_last = args.channels_last
-        train_data = load_dataset(dataset, "train", args.data_dir)
-        test_data = load_dataset(dataset, "test", args.data_dir)
+        train_data, test_data = (load_dataset(dataset, split, args.data_dir, shape=model.shape,
+                                              skip_bad_images=args.skip_bad_images)
+                                 for split in ("train", "test"))
+        note = skipped_images_note(train_data, test_data)
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
         loop = TrainLoop(model=model, train_data=train_data, test_data=test_data, run_dir=args.run_dir,
                          checkpoint_path=args.checkpoint, batch_size=args.batch,
                          step_interval=args.step_interval, lr=args.lr, lr_final=args.lr_final,
@@ -135,7 +142,8 @@ def train(args, objective=None, start=None):
         loop.close()
     except (DataError, CheckpointError, SaveError, RunDirError, ValueError, FloatingPointError,
             OSError) as exc:
-        sys.exit(f"error: {exc}")
+        hint = "; --skip-bad-images leaves such files out" if isinstance(exc, ImageReadError) else ""
+        sys.exit(f"error: {exc}{hint}")
     except Interrupted as exc:  # SIGINT/SIGTERM: saved at the end of the update under way
         loop.close()
         print(exc, file=sys.stderr)
