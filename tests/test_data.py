@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import vq_draw
 from vq_draw import data
 from vq_draw.data import (ArrayDataset, BatchSampler, DataError, ImageFileDataset, ImageReadError,
                           fixed_images, iterate_batches, load_dataset)
@@ -121,6 +122,24 @@ def test_image_folder_is_resized_cropped_and_split(tmp_path):
                                .expand(3, 32, 32) / 255)
     # Color files become one-channel images for MNIST.
     assert load_dataset("mnist", "train", str(tmp_path))[0].shape == (1, 28, 28)
+
+
+def test_images_take_the_shape_asked_for_not_the_model_table(tmp_path):
+    import ast
+    # data.py knows images, not models: it imports nothing of the package.
+    tree = ast.parse(open(data.__file__).read())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
+    assert vq_draw.DATASETS["celeba"]["shape"] == data.IMAGE_SHAPES["celeba"] == (3, 64, 64)
+    write_images(str(tmp_path / "folder"), 10, size=(50, 40))
+    assert load_dataset("celeba", "train", str(tmp_path / "folder"), shape=(1, 16, 8))[0].shape == \
+        (1, 16, 8)
+    write_npz(tmp_path / "d.npz", 20, (1, 28, 28))
+    with pytest.raises(DataError, match="must be uint8 of shape N x 16 x 16 x 1"):
+        load_dataset("mnist", "train", str(tmp_path / "d.npz"), shape=(1, 16, 16))
+    pytest.importorskip("scipy")
+    write_svhn(str(tmp_path), 4)
+    with pytest.raises(DataError, match="svhn train images are 3x32x32, not the 3x16x16 asked for"):
+        load_dataset("svhn", "train", str(tmp_path), shape=(3, 16, 16))
 
 
 def test_center_crop_keeps_the_middle(tmp_path):
