@@ -6,9 +6,11 @@ processes is the slow part here). The tests then compare the files the runs wrot
 """
 
 import csv
+import errno
 import json
 import os
 import shutil
+import signal
 import socket
 
 import pytest
@@ -17,10 +19,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vq_draw
+from vq_draw import checkpoint
 from vq_draw.data import ArrayDataset
 from vq_draw.evaluate import evaluate
 from vq_draw.train import TrainLoop
-from conftest import REPO, run_script, script_env, write_npz
+from conftest import REPO, run_script, script_env, state_equal, write_npz
 
 B = 2  # micro-batch per process; the 1-process reference uses 2 * B
 
@@ -33,8 +36,14 @@ def _images(count, seed):
 TRAIN, TEST = _images(40, 0), _images(10, 1)
 
 
-def _train(run_dir, batch, step_interval, steps, checkpoint_path=None, test=True):
-    """Train the tiny MNIST model; every process builds the same initial weights."""
+def _train(run_dir, batch, step_interval, steps, checkpoint_path=None, test=True, signal_rank=None,
+           full_disk=False):
+    """Train the tiny MNIST model; every process builds the same initial weights.
+
+    :param signal_rank: this process sends itself SIGTERM after its first update, when it has
+                        this rank (the others get no signal).
+    :param full_disk: rank 0's torch.save finds the disk full.
+    """
     torch.manual_seed(0)
     model = vq_draw.create_model("mnist", stages=2, options=4)
     loop = TrainLoop(model=model, train_data=ArrayDataset(TRAIN),
@@ -42,7 +51,25 @@ def _train(run_dir, batch, step_interval, steps, checkpoint_path=None, test=True
                      run_dir=run_dir, checkpoint_path=checkpoint_path, batch_size=batch,
                      step_interval=step_interval, step_limit=steps, save_interval=steps,
                      log_interval=1, eval_size=6, device="cpu", quiet=True, progress=False)
-    loop.run()
+    if signal_rank is not None and loop.rank == signal_rank:
+        update = loop._update
+
+        def update_then_signal(batches):
+            terms = update(batches)
+            if loop.step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return terms
+
+        loop._update = update_then_signal
+    write = checkpoint.atomic_write
+    if full_disk and loop.rank == 0:
+        def full(path, write):  # not torch.save, which torch.distributed also uses
+            raise OSError(errno.ENOSPC, "No space left on device")
+        checkpoint.atomic_write = full
+    try:
+        loop.run()
+    finally:
+        checkpoint.atomic_write = write
     return loop
 
 
@@ -56,7 +83,7 @@ def _worker(rank, world_size, port, jobs, out_dir):
         try:
             _train(**job)
             outcomes.append("ok")
-        except Exception as exc:  # recorded: the test checks that every process raised
+        except (Exception, KeyboardInterrupt) as exc:  # recorded: the tests check what each raised
             outcomes.append(f"{type(exc).__name__}: {exc}")
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(outcomes, f)
@@ -74,7 +101,8 @@ def _free_port():
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     d = {name: str(root / name) for name in ("one_si1", "one_si2", "two_si1", "two_si2",
-                                             "one_to_two", "two_to_one", "broken")}
+                                             "one_to_two", "two_to_one", "broken", "broken_save",
+                                             "interrupted", "uninterrupted")}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         assert key not in os.environ, "run the tests outside torchrun"
     # 1 process, micro-batch 2B: one update (step interval 1), and one of 2 micro-batches.
@@ -89,7 +117,14 @@ def runs(tmp_path_factory):
             dict(run_dir=d["one_to_two"], batch=2 * B, step_interval=1, steps=3),
             # Rank 0 cannot write here; rank 1 must fail too instead of waiting forever.
             dict(run_dir=d["broken"], batch=B, step_interval=1, steps=1,
-                 checkpoint_path=str(root / "not_a_folder" / "checkpoint.pt"))]
+                 checkpoint_path=str(root / "not_a_folder" / "checkpoint.pt")),
+            # The same when the folders pass the checks but the save itself fails.
+            dict(run_dir=d["broken_save"], batch=B, step_interval=1, steps=1, test=False,
+                 full_disk=True),
+            # Only rank 1 gets SIGTERM: both stop after the same update, save, then resume.
+            dict(run_dir=d["interrupted"], batch=B, step_interval=1, steps=3, test=False, signal_rank=1),
+            dict(run_dir=d["interrupted"], batch=B, step_interval=1, steps=3, test=False),
+            dict(run_dir=d["uninterrupted"], batch=B, step_interval=1, steps=3, test=False)]
     mp.spawn(_worker, args=(2, _free_port(), jobs, str(root)), nprocs=2, join=True)
     outcomes = [json.load(open(root / f"rank{r}.json")) for r in range(2)]
     # A 2-process checkpoint (2B images per step) resumed by 1 process of B: step 2 -> 4.
@@ -170,8 +205,23 @@ def test_one_process_checkpoint_resumes_in_two_processes(runs):
 
 def test_a_failed_save_on_rank_0_stops_every_process(runs):
     _, outcomes = runs
-    assert outcomes[0][3].startswith(("SaveError", "FileExistsError", "NotADirectoryError"))
-    assert outcomes[1][3] == "SaveError: rank 0 could not write the checkpoint; see its error message"
+    # A checkpoint folder that is a file is found before training; a failing save during it.
+    assert outcomes[0][3].startswith("RunDirError: ") and "is a file, not a folder" in outcomes[0][3]
+    assert outcomes[1][3] == "SaveError: rank 0 could not use the run folder; see its error message"
+    assert outcomes[0][4].startswith("SaveError: could not write checkpoint")
+    assert "No space left on device" in outcomes[0][4]
+    assert outcomes[1][4] == "SaveError: rank 0 could not write the checkpoint; see its error message"
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes_exactly(runs):
+    d, outcomes = runs
+    for rank in range(2):
+        assert outcomes[rank][5].startswith("Interrupted: stopped by SIGTERM at step 1, saved to")
+        assert outcomes[rank][6:8] == ["ok", "ok"]
+    resumed, expected = _checkpoint(d["interrupted"]), _checkpoint(d["uninterrupted"])
+    assert resumed["step"] == expected["step"] == 3
+    for key in ("model", "optimizer", "rng"):
+        assert state_equal(resumed[key], expected[key]), key
 
 
 @pytest.mark.slow
