@@ -428,7 +428,7 @@ class TrainLoop:
         """
         if not self._claimed:  # released by an earlier run()
             self._claim_run_dir()
-        self._signal_pid = os.getpid()
+        self._signal, self._signal_pid = None, os.getpid()
         previous = _catch_signals(self._on_signal)
         try:
             return self._train()
@@ -437,7 +437,6 @@ class TrainLoop:
             self._release_run_dir()
 
     def _train(self):
-        self._signal = None
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             _trim_log(self.log_path, self.step, self._log_scale)
