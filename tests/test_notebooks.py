@@ -104,15 +104,16 @@ def test_readme_shows_the_shipped_models_evaluation():
 
 
 @needs_model
-def test_readme_shows_the_saved_rate_distortion_tables():
-    """Both README tables (greedy beside JPEG/WebP, and beam search) are what
-    ``format_table`` prints for images/mnist_rate_distortion.csv."""
+def test_codec_doc_shows_the_saved_rate_distortion_tables():
+    """Both rate-distortion tables of docs/codec.md (greedy beside JPEG/WebP, and beam search)
+    are what ``format_table`` prints for images/mnist_rate_distortion.csv."""
     from vq_draw.rate_distortion import format_table, read_csv
 
     tables = format_table(read_csv(os.path.join(ROOT, "images", "mnist_rate_distortion.csv")))
-    readme = _readme()
+    with open(os.path.join(ROOT, "docs", "codec.md")) as f:
+        doc = f.read()
     for table in tables.split("\n\n"):
-        assert table in readme, "README's rate-distortion table differs from images/mnist_rate_distortion.csv"
+        assert table in doc, "docs/codec.md's rate-distortion table differs from images/mnist_rate_distortion.csv"
 
 
 @needs_model
