@@ -83,3 +83,23 @@ def test_docs_links_and_named_files_exist(path):
         assert os.path.exists(file), f"{os.path.relpath(path, ROOT)} links to {target}, which does not exist"
     for name in set(re.findall(r"(?<![\w:/.])((?:pretrained|images)/[\w.-]+\.(?:pt|png|json|csv))", text)):
         assert os.path.exists(os.path.join(ROOT, name)), f"{os.path.relpath(path, ROOT)} names {name}, which does not exist"
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "pretrained", "mnist_model.pt")),
+                    reason="pretrained/mnist_model.pt is absent")
+def test_using_a_model_code_runs_as_its_comments_say(monkeypatch):
+    """The README's 'Using a model' block runs on the shipped model, with the shapes it states."""
+    blocks = re.findall(r"```python\n(.*?)```", _section(_read(DOCS[0]), "Using a model"), re.S)
+    assert len(blocks) == 1, "the README's 'Using a model' should hold one python block"
+    monkeypatch.chdir(ROOT)
+    namespace = {"images": torch.rand(3, 1, 28, 28)}
+    exec(blocks[0], namespace)
+    shipped = vq_draw.load_model(os.path.join(ROOT, "pretrained", "mnist_model.pt"))
+    codes, recon = namespace["codes"], namespace["recon"]
+    assert codes.shape == (3, 10) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 64
+    assert torch.equal(recon, shipped.reconstruct(namespace["x"]))
+    assert namespace["coarse"].shape == recon.shape
+    assert namespace["options"].shape == (3, 64, 1, 28, 28)
+    assert namespace["samples"].shape == (16, 1, 28, 28)
+    assert {"loss", "chosen_loss", "aux_loss"} <= set(namespace["terms"])
+    assert namespace["model"].config["dataset"] == "cifar10"
