@@ -16,7 +16,7 @@ import torch
 from .checkpoint import CheckpointError, SaveError
 from .config import DATASETS, create_model
 from .data import DataError, ImageReadError, load_dataset, skipped_images_note
-from .train import Interrupted, RunDirError, TrainLoop, check_settings
+from .train import Interrupted, RunDirError, TrainLoop, check_device, check_settings
 
 
 def build_parser(dataset, prog=None):
@@ -116,6 +116,7 @@ def train(args, objective=None, start=None):
                        save_interval=args.save_interval, log_interval=args.log_interval,
                        eval_size=args.eval_size, step_limit=args.step_limit or None,
                        stop_at=args.stop_at, lr=args.lr, lr_final=args.lr_final)
+        check_device(args.device)  # before the data, which may be a long download
         torch.manual_seed(args.seed)
         dataset = args.dataset
         model = create_model(dataset, options=args.options, stages=args.stages, segment=args.segment,
