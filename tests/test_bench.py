@@ -1,4 +1,4 @@
-"""The benchmark (vq_draw/bench.py) and the fused loss and head kernels it times, each
+"""The benchmark (vq_draw/tools/bench.py) and the fused loss and head kernels it times, each
 against its broadcast or full-layer equivalent (the whole encoder against the plain
 implementation is in test_reference.py)."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from vq_draw import bench
+from vq_draw.tools import bench
 from vq_draw import reference as plain
 from vq_draw.config import DATASETS
 from vq_draw.losses import mse_loss, mse_options, mse_options_pick, mse_shared_options

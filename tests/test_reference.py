@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import DATASET_NAMES, random_images, tiny_model
-from vq_draw import bench, reference
+from vq_draw import reference
+from vq_draw.tools import bench
 
 
 def tiny_models(dataset, dtype=torch.float32, seed=0, options=4, stages=3):

@@ -4,7 +4,7 @@ Read this first. It is the algorithm as the paper states it, with nothing fused,
 special-cased: every stage materializes all K proposals, scores each against the target,
 keeps the best, and moves on. ``VQDraw`` (encoder.py) computes exactly the same codes,
 losses and gradients faster; tests/test_reference.py checks it against these functions and
-tools/bench.py times it against them. Images are normalized, ``[N x C x H x W]``.
+vq_draw/tools/bench.py times it against them. Images are normalized, ``[N x C x H x W]``.
 """
 
 import math

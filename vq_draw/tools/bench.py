@@ -1,6 +1,6 @@
 """Benchmark: training, encoding and decoding against a straightforward reference.
 
-``python -m vq_draw.bench [--datasets mnist cifar10] [--repeats 3] [--json OUT] [--quick]``
+``python -m vq_draw.tools.bench [--datasets mnist cifar10] [--repeats 3] [--json OUT] [--quick]``
 
 For every architecture it times a training step (forward, backward and Adam) with
 and without gradient checkpointing, and greedy encoding and decoding in images/s,
@@ -36,12 +36,12 @@ import time
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, read_checkpoint
-from .config import DATASETS, create_model, default_segment
-from .data import DataError, load_dataset
-from .nn import MaskedConv
+from ..checkpoint import CheckpointError, load_model, read_checkpoint
+from ..config import DATASETS, create_model, default_segment
+from ..data import DataError, load_dataset
+from ..nn import MaskedConv
 # The plain implementation (reference.py); "reference" below names the model copy it runs on.
-from . import reference as plain
+from .. import reference as plain
 
 ARCHITECTURES = ("mnist", "svhn", "cifar10", "celeba")
 
@@ -329,7 +329,7 @@ def measure_memory_here(spec):
 
 def measure_memory(spec, timeout=3600):
     """``measure_memory_here(spec)`` in a fresh subprocess, so that its peak RSS is clean."""
-    cmd = [sys.executable, "-m", "vq_draw.bench", "--memory-child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "vq_draw.tools.bench", "--memory-child", json.dumps(spec)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -470,8 +470,8 @@ def loop_overhead(dataset="mnist", data_dir=None, steps=20, batch_size=32, log_i
     """
     import tempfile
 
-    from .data import ArrayDataset, load_dataset
-    from .train import TrainLoop
+    from ..data import ArrayDataset, load_dataset
+    from ..train import TrainLoop
 
     if data_dir is None:
         gen = torch.Generator().manual_seed(seed)
@@ -681,7 +681,7 @@ def main(argv=None):
                             args.options or 64, modes, log=lambda line: print(line, flush=True))
         _write_json(args.json, {"info": info, "memory_table": rows})
         return
-    print(f"vq_draw.bench on {info['device']}, torch {info['torch']}; ratio = reference time / "
+    print(f"vq_draw.tools.bench on {info['device']}, torch {info['torch']}; ratio = reference time / "
           f"optimized time, best of {args.repeats} each; median = median over the {args.repeats} "
           f"back-to-back rounds of their ratio; {clock} clock")
     peak = None
