@@ -103,3 +103,13 @@ def test_using_a_model_code_runs_as_its_comments_say(monkeypatch):
     assert namespace["samples"].shape == (16, 1, 28, 28)
     assert {"loss", "chosen_loss", "aux_loss"} <= set(namespace["terms"])
     assert namespace["model"].config["dataset"] == "cifar10"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_docs_commands_name_modules_that_exist(path):
+    """Every `python -m vq_draw...` command in the docs runs a module of the package (modules move)."""
+    import importlib.util
+
+    for module in set(re.findall(r"python (?:-u )?-m (vq_draw[\w.]*)", _read(path))):
+        assert importlib.util.find_spec(module) is not None, \
+            f"{os.path.relpath(path, ROOT)} runs python -m {module}, which does not exist"
