@@ -569,7 +569,7 @@ class TrainLoop:
                 f"{self.batch_size * self.step_interval * self.world_size} images per update")
         if self.step_limit:
             text += (f"; {self.step_limit} steps per process = "
-                     f"{math.ceil(self.step_limit / self.step_interval)} updates, "
+                     f"{self.step_limit // self.step_interval} updates, "
                      f"{self.step_limit * self.batch_size * self.world_size} images")
         return text
 
