@@ -142,7 +142,7 @@ def test_readme_shows_the_classifier_notebooks_accuracies():
 def test_make_images_writes_every_figure(model, data_dir, tmp_path):
     from PIL import Image
 
-    from vq_draw.make_images import make_images
+    from vq_draw.tools.make_images import make_images
 
     dataset = load_dataset("mnist", "test", data_dir, download=False)
     paths = make_images(model, dataset, str(tmp_path), reconstructions=4, samples=4)
@@ -302,7 +302,7 @@ def test_svhn_demo_without_a_model_stops_in_its_first_cell(monkeypatch, tmp_path
 def test_make_images_can_refresh_only_the_notebooks(monkeypatch, tmp_path):
     """``--notebooks --no-figures`` executes both MNIST notebooks with the given model and data
     and writes no figure (nor needs the data itself)."""
-    import vq_draw.make_images as make_images
+    import vq_draw.tools.make_images as make_images
 
     executed = []
     monkeypatch.setattr(make_images, "execute_notebook", lambda path: executed.append(

@@ -1,6 +1,6 @@
 """Regenerate the README figures from a trained MNIST model.
 
-``python -m vq_draw.make_images [--model pretrained/mnist_model.pt] [--data-dir DIR] [--out images]``
+``python -m vq_draw.tools.make_images [--model pretrained/mnist_model.pt] [--data-dir DIR] [--out images]``
 writes, from the model and the MNIST test set:
 
 - ``mnist_stages.png``: one test digit of each class decoded stage by stage
@@ -30,7 +30,7 @@ import time
 import torch
 from torchvision.utils import save_image
 
-from .images import reconstruction_grid, sample_grid, stage_grid
+from ..images import reconstruction_grid, sample_grid, stage_grid
 
 
 def first_of_each_class(dataset, classes=10):
@@ -87,8 +87,8 @@ NOTEBOOKS = ("mnist_demo.ipynb", "mnist_classify.ipynb")
 
 
 def main(argv=None):
-    from .checkpoint import CheckpointError, load_model
-    from .data import DataError, load_dataset
+    from ..checkpoint import CheckpointError, load_model
+    from ..data import DataError, load_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=os.path.join("pretrained", "mnist_model.pt"))
