@@ -1,8 +1,12 @@
 """Shared helpers for the tests: tiny models, synthetic data, running the scripts."""
 
+import multiprocessing.util
 import os
+import signal
 import subprocess
 import sys
+import time
+import traceback
 
 import numpy as np
 import pytest
@@ -72,6 +76,67 @@ def run_script(script, args, timeout=120, cwd=None):
     """Run ``python <script> args`` from the repository; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd or REPO,
                           env=script_env(), capture_output=True, text=True, timeout=timeout)
+
+
+class ForkedChild:
+    """``fn()`` in a forked process: a real process to signal or kill, that starts without
+    importing torch again. Its stdout and stderr go to ``log``; ``sys.exit`` codes pass through.
+
+    :param group: give the child a process group of its own, so that ``killpg`` reaches it and
+                  its DataLoader workers as a Ctrl-C in a terminal would.
+    """
+
+    def __init__(self, fn, log, group=False):
+        self.log = log
+        self.returncode = None
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never return into pytest
+            code = 1
+            try:
+                # What multiprocessing does in the children it forks itself: without it a
+                # DataLoader worker of this child asks pytest's resource sharer for its tensors.
+                multiprocessing.util._run_after_forkers()
+                if group:
+                    os.setpgid(0, 0)
+                out = open(log, "a", buffering=1)
+                os.dup2(out.fileno(), 1)
+                os.dup2(out.fileno(), 2)
+                sys.stdout = sys.stderr = out
+                fn()
+                code = 0
+            except SystemExit as exc:
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code or 0
+                else:  # sys.exit("message") prints it and exits with 1
+                    print(exc.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout=120):
+        deadline = time.time() + timeout
+        while self.poll() is None:
+            if time.time() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                self.wait()
+                pytest.fail(f"the child did not end within {timeout} s: {self.output()}")
+            time.sleep(0.01)
+        return self.returncode
+
+    def output(self):
+        return open(self.log).read() if os.path.exists(self.log) else ""
 
 
 def state_equal(a, b):

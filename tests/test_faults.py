@@ -2,14 +2,12 @@
 missing devices, damaged and hostile checkpoints. Every case must end in one line that says
 what happened, lose nothing that was saved, and resume exactly."""
 
-import multiprocessing.util
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
-import traceback
 import zipfile
 
 import numpy as np
@@ -22,67 +20,9 @@ from vq_draw import train_cli
 from vq_draw.checkpoint import CheckpointError, SaveError, load_model, save_checkpoint
 from vq_draw.data import ArrayDataset
 from vq_draw.train import Interrupted, RunDirError, TrainLoop
-from conftest import REPO, script_env, state_equal, write_npz
+from conftest import REPO, ForkedChild, script_env, state_equal, write_npz
 
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
-
-
-class Child:
-    """``fn()`` in a forked process: a real process to signal or kill, that starts without
-    importing torch again. Its stdout and stderr go to ``log``; ``sys.exit`` codes pass through.
-
-    :param group: give the child a process group of its own, so that ``killpg`` reaches it and
-                  its DataLoader workers as a Ctrl-C in a terminal would.
-    """
-
-    def __init__(self, fn, log, group=False):
-        self.log = log
-        self.returncode = None
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: never return into pytest
-            code = 1
-            try:
-                # What multiprocessing does in the children it forks itself: without it a
-                # DataLoader worker of this child asks pytest's resource sharer for its tensors.
-                multiprocessing.util._run_after_forkers()
-                if group:
-                    os.setpgid(0, 0)
-                out = open(log, "a", buffering=1)
-                os.dup2(out.fileno(), 1)
-                os.dup2(out.fileno(), 2)
-                sys.stdout = sys.stderr = out
-                fn()
-                code = 0
-            except SystemExit as exc:
-                if exc.code is None or isinstance(exc.code, int):
-                    code = exc.code or 0
-                else:  # sys.exit("message") prints it and exits with 1
-                    print(exc.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-
-    def poll(self):
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout=60):
-        deadline = time.time() + timeout
-        while self.poll() is None:
-            if time.time() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                self.wait()
-                pytest.fail(f"the child did not end within {timeout} s: {self.output()}")
-            time.sleep(0.01)
-        return self.returncode
-
-    def output(self):
-        return open(self.log).read() if os.path.exists(self.log) else ""
 
 
 def wait_until(condition, child, timeout=60, what="the child to get there"):
@@ -166,7 +106,7 @@ def test_a_signal_saves_at_the_end_of_the_update_and_the_run_resumes_exactly(
         slow_updates(0.05)
         train_cli.main("mnist", flags(data, run, steps, workers=workers))
 
-    child = Child(interrupted_command, str(tmp_path / "child.txt"), group=workers > 0)
+    child = ForkedChild(interrupted_command, str(tmp_path / "child.txt"), group=workers > 0)
     wait_until(lambda: log_rows(run) >= 2, child, what="two log rows")
     (os.killpg if workers else os.kill)(child.pid, sig)
     assert child.wait() == 128 + sig, child.output()
@@ -204,7 +144,7 @@ def test_a_second_ctrl_c_stops_at_once(periodic, digits, tmp_path):
         TrainLoop._interrupted = slow_interrupted
         train_cli.main("mnist", flags(digits, run, 200, save_interval=2 if periodic else 1000))
 
-    child = Child(command, str(tmp_path / "child.txt"))
+    child = ForkedChild(command, str(tmp_path / "child.txt"))
     wait_until(lambda: log_rows(run) >= 2 and (not periodic or (run / "checkpoint.pt").exists()),
                child, what="training")
     os.kill(child.pid, signal.SIGINT)
@@ -299,7 +239,7 @@ def test_a_second_trainer_stops_at_once_and_kill_9_leaves_no_stale_lock(workers,
         slow_updates(0.2)
         train_cli.main("mnist", flags(data, run, 100000, save_interval=2, workers=workers))
 
-    child = Child(first, str(tmp_path / "first.txt"))
+    child = ForkedChild(first, str(tmp_path / "first.txt"))
     wait_until(lambda: log_rows(run) >= 1, child, what="the first trainer's first log row")
     rows = log_rows(run)
     message = fails(lambda: train_cli.main("mnist", flags(data, run, 8, workers=workers)), capsys)

@@ -17,7 +17,7 @@ import vq_draw
 from vq_draw.checkpoint import SaveError, export_model, save_checkpoint
 from vq_draw.data import ArrayDataset, ImageFileDataset, fixed_images, load_dataset
 from vq_draw.train import TrainLoop, learning_rate
-from conftest import REPO, random_images, script_env, state_equal, tiny_model, write_npz
+from conftest import REPO, ForkedChild, random_images, script_env, state_equal, tiny_model, write_npz
 
 
 def random_dataset(count, shape=(1, 28, 28), seed=0):
@@ -318,50 +318,6 @@ def test_disk_full_in_training_stops_with_save_error(tmp_path, monkeypatch, no_p
 # ---------------------------------------------------------------------- kill -9
 
 
-class Forked:
-    """``train_cli.main("mnist", argv)`` in a forked child process, with Popen's poll/send_signal/wait.
-
-    A separate process that can be killed like any other, but that starts without importing
-    torch again (a fresh interpreter costs several CPU seconds here).
-    """
-
-    def __init__(self, argv, log):
-        self.returncode = None
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: run the command, never return into pytest
-            code = 1
-            try:
-                sys.stdout = sys.stderr = open(log, "a", buffering=1)
-                os.dup2(sys.stdout.fileno(), 1)
-                os.dup2(sys.stdout.fileno(), 2)
-                from vq_draw.train_cli import main
-                main("mnist", argv)
-                code = 0
-            except SystemExit as exc:
-                print(exc.code, file=sys.stderr)
-            except BaseException:
-                import traceback
-                traceback.print_exc()
-            finally:
-                sys.stderr.flush()
-                os._exit(code)
-
-    def poll(self):
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def send_signal(self, sig):
-        os.kill(self.pid, sig)
-
-    def wait(self):
-        if self.returncode is None:
-            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-        return self.returncode
-
-
 def kill_restart_and_compare(tmp_path, modes, seed, fork=True):
     """Start a tiny MNIST training command and SIGKILL it once per mode ("anywhere": a random
     moment after its first checkpoint; "save": as soon as it starts writing a checkpoint),
@@ -382,7 +338,8 @@ def kill_restart_and_compare(tmp_path, modes, seed, fork=True):
 
     def start(run_dir):
         if fork:
-            return Forked(arguments(run_dir), log)
+            from vq_draw.train_cli import main
+            return ForkedChild(lambda: main("mnist", arguments(run_dir)), log)
         with open(log, "a") as err:
             return subprocess.Popen([sys.executable, os.path.join(REPO, "train_mnist.py"),
                                      *arguments(run_dir)], env=script_env(),
