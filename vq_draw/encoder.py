@@ -199,11 +199,12 @@ class VQDraw(nn.Module):
             features = features[inverse]  # keeps channels_last; index_select would not
         return self.refiner.options(features, stage, choices)
 
-    def _train_stage(self, recon, target, stage, first_choices=None):
+    def _train_stage(self, recon, target, stage, first_choices=None, choose=None):
         """One stage with gradients: returns (next recon, choices [N], losses [N x K]).
 
         :param first_choices: [N] the stage-0 choices, which let stage 1 run the refiner once
                               per distinct input (see ``_distinct_features``).
+        :param choose: losses [N x K] -> choices [N]; default ``_choose``.
         """
         if stage > 0 and self.grad_decay:
             # Same value, gradient into earlier stages scaled by (1 - grad_decay).
@@ -213,7 +214,8 @@ class VQDraw(nn.Module):
         # an input add up, as they would if each image had run the refiner itself.
         features, inverse = self._distinct_features(recon, stage, first_choices)
         deltas = self._every_option(features, inverse, stage)
-        losses, choices, delta = self._option_losses(recon, deltas, stage, target, self._choose)
+        losses, choices, delta = self._option_losses(recon, deltas, stage, target,
+                                                      choose or self._choose)
         return self._next(recon, delta, stage, choices), choices, losses
 
     def _choose(self, losses):
@@ -226,10 +228,25 @@ class VQDraw(nn.Module):
             choices = torch.where(explore, random, choices)
         return choices
 
-    def _train_chunk(self, recon, target, start, stop, first_choices=None):
+    def _train_chunk(self, recon, target, start, stop, first_choices=None, made=None):
+        """Stages ``start`` to ``stop`` - 1 with gradients: returns (recon, codes [N x stages],
+        losses [N x stages x K]).
+
+        :param made: a list for gradient checkpointing, empty on the first call: that call
+            appends each stage's choices [N], and the recomputation in the backward pass
+            makes the same choices again instead of choosing anew. GPU kernels are not
+            bit-reproducible, so a recomputed stage can rank two nearly equal options the
+            other way; the gradients would then belong to another code than the loss, or,
+            when the number of distinct first choices changes, the recomputation fails.
+        """
+        replay = made is not None and len(made) == stop - start
         codes, losses = [], []
-        for stage in range(start, stop):
-            recon, choices, stage_losses = self._train_stage(recon, target, stage, first_choices)
+        for i, stage in enumerate(range(start, stop)):
+            choose = (lambda _, chosen=made[i]: chosen) if replay else None
+            recon, choices, stage_losses = self._train_stage(recon, target, stage, first_choices,
+                                                             choose)
+            if made is not None and not replay:
+                made.append(choices)
             if stage == 0:
                 first_choices = choices
             codes.append(choices)
@@ -253,7 +270,7 @@ class VQDraw(nn.Module):
             first_choices = codes[0][:, 0] if codes else None
             if chunk < self.num_stages:
                 recon, c, l = checkpoint(self._train_chunk, recon, x, start, stop, first_choices,
-                                         use_reentrant=False)
+                                         [], use_reentrant=False)
             else:
                 recon, c, l = self._train_chunk(recon, x, start, stop, first_choices)
             codes.append(c)

@@ -48,7 +48,9 @@ def run(model, x, grad_checkpoint=False):
 
     The reconstruction starts at zeros. Gradients flow through every stage with the choices
     held fixed. With ``grad_checkpoint`` the stages run in chunks of about sqrt(S), each
-    recomputed in the backward pass: activation memory ~ sqrt(S) instead of S.
+    recomputed in the backward pass: activation memory ~ sqrt(S) instead of S. (The
+    recomputation here chooses again, which repeats the choices only where the kernels repeat
+    bit for bit, as on the CPU; ``VQDraw.run`` replays the first pass's choices.)
     """
     stages = model.num_stages
     chunk = max(1, round(math.sqrt(stages))) if grad_checkpoint and torch.is_grad_enabled() else stages
