@@ -219,3 +219,18 @@ def test_bench_falls_back_to_noise_without_data(tmp_path):
         data_dir=str(tmp_path), log=lines.append)
     assert any("timing on noise" in line for line in lines) and settings["data_dir"] is None
     assert agreement["codes_equal"] and rows[0]["ratio"] > 0
+
+
+def test_profile_step_times_both_precisions_and_profiles(tmp_path, capsys):
+    from vq_draw.tools import profile_step
+
+    out = tmp_path / "step.json"
+    profile_step.main(["svhn", "--stages", "2", "--batch", "2", "--steps", "2", "--profile",
+                       "--rows", "5", "--device", "cpu", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "fp32:" in printed and "bf16:" in printed and "Self CPU" in printed
+    data = json.loads(out.read_text())
+    assert [r["precision"] for r in data["results"]] == ["fp32", "bf16"]
+    for result in data["results"]:
+        assert (result["stages"], result["segment"], result["batch"]) == (2, 2, 2)
+        assert len(result["times"]) == 2 and result["seconds"] == pytest.approx(sum(result["times"]) / 2)
