@@ -41,7 +41,8 @@ def test_learning_rate_schedule():
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_plots):
-    """k micro-batches of b per update equal one batch of k * b: same weights, same gradients.
+    """With accumulate="mean", k micro-batches of b per update equal one batch of k * b: same
+    weights, same gradients.
 
     16 images are a whole number of batches of 2 and of 8, so with the same seed both runs
     draw the same images for each update (test_data checks this property of BatchSampler).
@@ -52,7 +53,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_plots):
     for name, batch, interval, limit in (("micro", 2, 4, 12), ("big", 8, 1, 3)):
         model = tiny_model("mnist", stages=2).double()
         loop = make_loop(model, tmp_path / name, train_data=data, batch_size=batch,
-                         step_interval=interval, step_limit=limit, lr_final=0.0)
+                         step_interval=interval, accumulate="mean", step_limit=limit, lr_final=0.0)
         loop.run()
         assert loop.step == limit
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -66,6 +67,41 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_plots):
     assert micro_grads.keys() == big_grads.keys() and len(big_grads) > 10
     for name in big_grads:
         torch.testing.assert_close(micro_grads[name], big_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_accumulation_sums_the_micro_batches_gradients_by_default(tmp_path, no_plots):
+    """As in the original: an update's gradient is the sum of its micro-batches' gradients
+    (each of the mean loss over its images), so k micro-batches of b give k times the gradient
+    of one batch of k * b. Adam's eps makes the difference matter (docs/experiments/cifar_celeba.md)."""
+    data = random_dataset(16, seed=1)
+    grads = {}
+    for name, batch, interval, accumulate in (("sum", 2, 4, None), ("mean", 2, 4, "mean"),
+                                              ("big", 8, 1, None)):
+        model = tiny_model("mnist", stages=2).double()
+        settings = {} if accumulate is None else {"accumulate": accumulate}
+        loop = make_loop(model, tmp_path / name, train_data=data, batch_size=batch,
+                         step_interval=interval, step_limit=interval, **settings)
+        loop.run()
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads["big"]) > 10
+    for name, big in grads["big"].items():
+        torch.testing.assert_close(grads["sum"][name], 4 * big, rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(grads["mean"][name], big, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_state_from_before_the_accumulate_setting_says_it_averaged(tmp_path, no_plots, capsys):
+    data = random_dataset(16, seed=1)
+    loop = make_loop(tiny_model("mnist", stages=2), tmp_path, train_data=data, step_interval=2,
+                     step_limit=2, quiet=False)
+    loop.run()
+    state = torch.load(loop.checkpoint_path, weights_only=True)
+    del state["train"]["accumulate"]  # as saved before the setting existed
+    from vq_draw.checkpoint import save_checkpoint
+    save_checkpoint(loop.checkpoint_path, state)
+    capsys.readouterr()
+    make_loop(tiny_model("mnist", stages=2), tmp_path, train_data=data, step_interval=2,
+              step_limit=4, quiet=False).run()
+    assert "accumulate 'mean' -> 'sum'" in capsys.readouterr().out
 
 
 def test_a_training_state_with_one_shared_scale_resumes(tmp_path, no_plots):
@@ -263,7 +299,8 @@ def test_checkpoint_contents_and_load_model(tmp_path):
 def test_bad_training_settings():
     model = tiny_model("mnist", stages=1)
     for kwargs in (dict(batch_size=0), dict(step_interval=0), dict(save_interval=0),
-                   dict(step_limit=0), dict(lr=0.0), dict(lr=float("nan")), dict(batch_size=2.0)):
+                   dict(step_limit=0), dict(lr=0.0), dict(lr=float("nan")), dict(batch_size=2.0),
+                   dict(accumulate="average")):
         with pytest.raises(ValueError):
             make_loop(model, "unused", **kwargs)
 

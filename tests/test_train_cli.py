@@ -275,6 +275,7 @@ def test_published_defaults_of_the_scripts():
     cifar = train_cli.parse_args("cifar10", [])
     assert (cifar.stages, cifar.step_interval, cifar.lr_final, cifar.grad_checkpoint) == \
         (100, 16, None, True)
+    assert cifar.accumulate == "sum"  # the original sums the micro-batches' gradients
     svhn = train_cli.parse_args("svhn", [])
     assert (svhn.stages, svhn.grad_checkpoint, svhn.step_limit, svhn.lr_final) == (20, False, 70000, 0.0)
     celeba = train_cli.parse_args("celeba", ["--no-grad-checkpoint"])

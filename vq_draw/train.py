@@ -1,13 +1,15 @@
 """The training loop: accumulation, checkpoints with exact resume, evaluation, logging, DDP.
 
 A *step* is one micro-batch (forward and backward), as in the original's flags;
-the optimizer updates once every ``step_interval`` steps with the loss averaged
-over those micro-batches. ``step_limit``, ``save_interval``, ``eval_interval``
+the optimizer updates once every ``step_interval`` steps with the gradients of
+those micro-batches summed, as in the original (``accumulate="mean"`` averages
+them instead). ``step_limit``, ``save_interval``, ``eval_interval``
 and the learning-rate schedule all count steps, so the published commands mean
 what they meant in the original.
 
 Under ``torchrun`` every process runs a micro-batch of ``batch_size`` per step;
-one update then averages ``batch_size * step_interval * world_size`` images.
+one update then covers ``batch_size * step_interval * world_size`` images
+(DDP averages the processes' gradients).
 Steps are counted per process, so ``step_limit`` micro-steps train on
 ``step_limit * batch_size * world_size`` images. A checkpoint resumed by a
 different number of processes continues after the same number of images (its
@@ -95,8 +97,16 @@ def compile_refiners(model):
     return model
 
 
+# How an update combines the gradients of its micro-batches (each the gradient of the mean loss
+# over its images): "sum", as the original, or "mean", so that k micro-batches of b images give
+# the gradient of one batch of k * b. Adam is not scale-free: its eps (1e-5) is larger than most
+# gradient elements of the published CIFAR-10 model, so the mean trains visibly slower there
+# (docs/experiments/cifar_celeba.md).
+ACCUMULATE = ("sum", "mean")
+
+
 def check_settings(*, batch_size, step_interval, save_interval, log_interval, eval_size, step_limit,
-                   stop_at, lr, lr_final):
+                   stop_at, lr, lr_final, accumulate="sum"):
     """Raise ValueError with one line for a training setting out of range. ``TrainLoop`` calls it,
     and the command line before it loads any data."""
     for name, value in dict(batch_size=batch_size, step_interval=step_interval,
@@ -109,6 +119,8 @@ def check_settings(*, batch_size, step_interval, save_interval, log_interval, ev
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not lr > 0 or (lr_final is not None and not lr_final >= 0):
         raise ValueError(f"learning rates must be positive (lr={lr}, lr_final={lr_final})")
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be one of {', '.join(ACCUMULATE)}, got {accumulate!r}")
 
 
 def learning_rate(step, lr, lr_final, step_limit):
@@ -129,6 +141,8 @@ class TrainLoop:
     :param checkpoint_path: checkpoint file (default ``run_dir/checkpoint.pt``); resumed from
                             when it exists.
     :param progress: show a tqdm bar on stderr (rank 0); None shows it when stderr is a terminal.
+    :param accumulate: "sum" (the original's) or "mean": how an update combines the gradients of
+                       its ``step_interval`` micro-batches (see ``ACCUMULATE``).
     :param bf16: bfloat16 autocast (the choices are still made on float32 losses).
     :param compile: ``torch.compile`` the refiner networks (``compile_refiners``).
     :param stop_at: save a checkpoint and return at the first update boundary at or past this
@@ -147,13 +161,14 @@ class TrainLoop:
     """
 
     def __init__(self, *, model, train_data, test_data=None, run_dir="runs/run", checkpoint_path=None,
-                 batch_size=32, step_interval=1, lr=1e-3, lr_final=None, step_limit=None,
+                 batch_size=32, step_interval=1, accumulate="sum", lr=1e-3, lr_final=None,
+                 step_limit=None,
                  save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
                  device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
                  progress=None, compile=False, stop_at=None, objective=None, start=None):
         check_settings(batch_size=batch_size, step_interval=step_interval, save_interval=save_interval,
                        log_interval=log_interval, eval_size=eval_size, step_limit=step_limit,
-                       stop_at=stop_at, lr=lr, lr_final=lr_final)
+                       stop_at=stop_at, lr=lr, lr_final=lr_final, accumulate=accumulate)
         device = str(device)
         check_device(device)  # before the process group, whose NCCL setup would fail less clearly
         self.rank, self.world_size, self.local_rank = _distributed_env(device)
@@ -171,6 +186,7 @@ class TrainLoop:
         self.checkpoint_path = checkpoint_path or os.path.join(run_dir, "checkpoint.pt")
         self.batch_size = batch_size
         self.step_interval = step_interval
+        self.accumulate = accumulate
         self.lr = lr
         self.lr_final = lr_final
         self.step_limit = step_limit
@@ -244,7 +260,9 @@ class TrainLoop:
         self.load_optimizer(ckpt["optimizer"])
         # Changing settings on resume is allowed (e.g. a longer --step-limit), but a forgotten
         # flag such as --lr-final would silently change the recipe, so say what differs.
-        saved = ckpt.get("train", {})
+        saved = dict(ckpt.get("train", {}))
+        if self.step_interval > 1:
+            saved.setdefault("accumulate", "mean")  # states from before the setting averaged
         changed = [f"{name} {saved[name]!r} -> {value!r}"
                    for name, value in self._train_settings().items()
                    if name in saved and saved[name] != value]
@@ -321,7 +339,8 @@ class TrainLoop:
         """The recipe settings a checkpoint records (and a resume compares against)."""
         # bf16 is here because it changes the numbers, so a run resumed in another precision
         # no longer repeats the uninterrupted one bit for bit.
-        return dict(batch_size=self.batch_size, step_interval=self.step_interval, lr=self.lr,
+        return dict(batch_size=self.batch_size, step_interval=self.step_interval,
+                    accumulate=self.accumulate, lr=self.lr,
                     lr_final=self.lr_final, step_limit=self.step_limit, seed=self.seed,
                     bf16=self.bf16, objective=getattr(self.objective, "settings", None))
 
@@ -588,6 +607,8 @@ class TrainLoop:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         sums = {}
+        # Summed: each micro-batch's gradient counts whole; averaged: 1 / step_interval of it.
+        loss_scale = 1.0 / self.step_interval if self.accumulate == "mean" else 1.0
         for i in range(micro):
             images = next(batches)
             images = images.to(self.device, non_blocking=True)
@@ -598,7 +619,7 @@ class TrainLoop:
                 terms = self.ddp_model(x)
                 if self.objective is not None:
                     terms["loss"] = self.objective(self.model, terms)
-                (terms["loss"] / micro).backward()
+                (terms["loss"] * loss_scale).backward()
             for key in ("loss", "chosen_loss", "aux_loss", "final_loss"):
                 sums[key] = sums.get(key, 0.0) + terms[key].detach()
             sums["code_entropy"] = sums.get("code_entropy", 0.0) + terms["code_entropy"].mean()

@@ -16,7 +16,8 @@ import torch
 from .checkpoint import CheckpointError, SaveError
 from .config import DATASETS, create_model
 from .data import DataError, ImageReadError, load_dataset, skipped_images_note
-from .train import Interrupted, RunDirError, TrainLoop, check_device, check_settings
+from .train import (ACCUMULATE, Interrupted, RunDirError, TrainLoop, check_device,
+                    check_settings)
 
 
 def build_parser(dataset, prog=None):
@@ -29,7 +30,10 @@ def build_parser(dataset, prog=None):
     parser.add_argument("--step-limit", type=int, default=recipe["step_limit"],
                         help="steps (micro-batches) to train; 0 trains forever")
     parser.add_argument("--step-interval", type=int, default=recipe["step_interval"],
-                        help="micro-batches per optimizer update (loss averaged over them)")
+                        help="micro-batches per optimizer update")
+    parser.add_argument("--accumulate", choices=ACCUMULATE, default="sum",
+                        help="sum the micro-batches' gradients, as the original, or average them "
+                             "(default: sum)")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="save and stop at this step; the learning rate still follows "
                              "--step-limit, so a resume (with other settings, if wanted) continues "
@@ -115,7 +119,8 @@ def train(args, objective=None, start=None):
         check_settings(batch_size=args.batch, step_interval=args.step_interval,
                        save_interval=args.save_interval, log_interval=args.log_interval,
                        eval_size=args.eval_size, step_limit=args.step_limit or None,
-                       stop_at=args.stop_at, lr=args.lr, lr_final=args.lr_final)
+                       stop_at=args.stop_at, lr=args.lr, lr_final=args.lr_final,
+                       accumulate=args.accumulate)
         check_device(args.device)  # before the data, which may be a long download
         torch.manual_seed(args.seed)
         dataset = args.dataset
@@ -132,7 +137,8 @@ def train(args, objective=None, start=None):
             print(f"warning: {note}", file=sys.stderr)
         loop = TrainLoop(model=model, train_data=train_data, test_data=test_data, run_dir=args.run_dir,
                          checkpoint_path=args.checkpoint, batch_size=args.batch,
-                         step_interval=args.step_interval, lr=args.lr, lr_final=args.lr_final,
+                         step_interval=args.step_interval, accumulate=args.accumulate,
+                         lr=args.lr, lr_final=args.lr_final,
                          step_limit=args.step_limit or None, save_interval=args.save_interval,
                          eval_interval=args.eval_interval, eval_size=args.eval_size,
                          log_interval=args.log_interval, device=args.device, seed=args.seed,
