@@ -412,7 +412,7 @@ def test_a_device_this_machine_lacks_is_one_line_before_training(device, words, 
         words = "no CUDA GPU is available on this machine"
     args = flags(digits, tmp_path / "run", 4) + ["--device", device]
     message = fails(lambda: train_cli.main("mnist", args), capsys)
-    assert message.startswith(f"error: ") and words in message, message
+    assert message.startswith("error: ") and words in message, message
     assert not (tmp_path / "run").exists()  # checked before anything else
     # Before the data too, which may be a long download.
     args = flags(str(tmp_path / "no-such-data"), tmp_path / "run", 4) + ["--device", device]
