@@ -234,3 +234,18 @@ def test_profile_step_times_both_precisions_and_profiles(tmp_path, capsys):
     for result in data["results"]:
         assert (result["stages"], result["segment"], result["batch"]) == (2, 2, 2)
         assert len(result["times"]) == 2 and result["seconds"] == pytest.approx(sum(result["times"]) / 2)
+
+
+def test_grad_scale_compares_the_gradient_with_adams_eps(capsys):
+    from vq_draw.tools import grad_scale
+
+    magnitudes = torch.tensor([1e-7, 1e-6, 1e-5, 1e-4])
+    rows = grad_scale.adam_step_table(magnitudes, [("mean", 1), ("sum", 16)])
+    (_, _, median, below, step), (_, _, median16, below16, step16) = rows
+    assert below == 0.5 and below16 == 0.25  # 1.6e-5 is no longer below eps
+    assert median16 == pytest.approx(16 * median)
+    expected = sum(g / (g + 1e-5) for g in magnitudes.tolist()) / 4
+    assert step == pytest.approx(expected, rel=1e-5) and step16 > step
+    grad_scale.main(["svhn", "--stages", "2", "--segment", "2", "--batch", "2"])
+    printed = capsys.readouterr().out
+    assert "uniform noise" in printed and "x 16 (sum, agreeing)" in printed
