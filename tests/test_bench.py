@@ -226,9 +226,10 @@ def test_profile_step_times_both_precisions_and_profiles(tmp_path, capsys):
 
     out = tmp_path / "step.json"
     profile_step.main(["svhn", "--stages", "2", "--batch", "2", "--steps", "2", "--profile",
-                       "--rows", "5", "--device", "cpu", "--json", str(out)])
+                       "--by-shape", "--rows", "5", "--device", "cpu", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "fp32:" in printed and "bf16:" in printed and "Self CPU" in printed
+    assert "Input Shapes" in printed
     data = json.loads(out.read_text())
     assert [r["precision"] for r in data["results"]] == ["fp32", "bf16"]
     for result in data["results"]:

@@ -27,9 +27,10 @@ from .bench import build_models, describe_device, make_optimizer, timed, train_s
 
 
 def step_seconds(dataset, precision="fp32", steps=3, stages=None, segment=None, batch=None,
-                 device="cpu", profile_rows=0, seed=0, channels_last=True):
+                 device="cpu", profile_rows=0, seed=0, channels_last=True, by_shape=False):
     """Mean seconds of a training step of ``dataset``'s published model (or ``stages``,
-    ``segment``), and, when ``profile_rows`` > 0, the profiler's table of its top operators.
+    ``segment``), and, when ``profile_rows`` > 0, the profiler's table of its top operators
+    (per input shape with ``by_shape``, which tells the layers apart).
 
     :return: dict with seconds (the mean), times (each step's), batch, stages, segment, table.
     """
@@ -55,12 +56,13 @@ def step_seconds(dataset, precision="fp32", steps=3, stages=None, segment=None, 
         activities = [torch.profiler.ProfilerActivity.CPU]
         if cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, record_shapes=by_shape) as prof:
             step()
             if cuda:
                 torch.cuda.synchronize()
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort, row_limit=profile_rows)
+        table = prof.key_averages(group_by_input_shape=by_shape).table(sort_by=sort,
+                                                                       row_limit=profile_rows)
     return {"dataset": dataset, "precision": precision, "seconds": sum(times) / len(times),
             "times": times, "batch": batch, "stages": model.config["stages"],
             "segment": model.config.get("segment"), "table": table}
@@ -79,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="print the top operators of one more step, per precision")
     parser.add_argument("--rows", type=int, default=20, help="operators in the --profile table")
+    parser.add_argument("--by-shape", action="store_true",
+                        help="--profile per operator and input shape (which layer)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -98,7 +102,7 @@ def main(argv=None):
     for precision in args.precision:
         result = step_seconds(args.dataset, precision, args.steps, args.stages, args.segment, args.batch,
                               args.device, args.rows if args.profile else 0,
-                              channels_last=args.channels_last)
+                              channels_last=args.channels_last, by_shape=args.by_shape)
         print(f"{precision}: {result['seconds']:.3f} s per micro-batch of {result['batch']} "
               f"({result['stages']} stages, segment {result['segment']}; mean of {args.steps}: "
               + ", ".join(f"{t:.3f}" for t in result["times"]) + ")", flush=True)
