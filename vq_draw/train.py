@@ -162,8 +162,7 @@ class TrainLoop:
 
     def __init__(self, *, model, train_data, test_data=None, run_dir="runs/run", checkpoint_path=None,
                  batch_size=32, step_interval=1, accumulate="sum", lr=1e-3, lr_final=None,
-                 step_limit=None,
-                 save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
+                 step_limit=None, save_interval=500, eval_interval=None, eval_size=1000, log_interval=50,
                  device="cpu", seed=0, num_workers=0, bf16=False, final_eval=True, quiet=False,
                  progress=None, compile=False, stop_at=None, objective=None, start=None):
         check_settings(batch_size=batch_size, step_interval=step_interval, save_interval=save_interval,
