@@ -40,6 +40,7 @@ from ..checkpoint import CheckpointError, load_model, read_checkpoint
 from ..config import DATASETS, create_model, default_segment
 from ..data import DataError, load_dataset
 from ..nn import MaskedConv
+from ..train import ADAM_BETAS, ADAM_EPS
 # The plain implementation (reference.py); "reference" below names the model copy it runs on.
 from .. import reference as plain
 
@@ -103,7 +104,7 @@ def build_models(dataset, options=64, stages=None, segment=None, device="cpu", s
 
 
 def make_optimizer(model):
-    return torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-5)
+    return torch.optim.Adam(model.parameters(), lr=1e-3, betas=ADAM_BETAS, eps=ADAM_EPS)
 
 
 def train_step(model, optimizer, x, reference=False, grad_checkpoint=False):

@@ -24,8 +24,7 @@ import torch
 
 from ..config import DATASETS, create_model
 from ..data import DataError, load_dataset
-
-ADAM_EPS = 1e-5  # TrainLoop's, as in the original
+from ..train import ADAM_EPS
 
 
 def gradient_magnitudes(dataset, data_dir=None, stages=None, segment=None, batch=None, seed=0):
