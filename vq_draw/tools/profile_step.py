@@ -12,7 +12,9 @@ reported. ``--profile`` runs one more step under ``torch.profiler`` and prints t
 that took the most time (device time on a GPU, CPU time otherwise).
 
 On the CPU a published 100-stage step takes minutes; ``--stages 4 --segment 4`` runs the same
-per-stage network, so seconds per micro-batch scale with stages / 4.
+per-stage network. Stages 0 and 1 are cheaper than the rest (the refiner runs on one image, then
+once per distinct first choice), so estimate a longer run from the difference of two stage
+counts, not by scaling one.
 """
 
 import argparse
