@@ -344,18 +344,38 @@ def take(sampler, count):
 
 
 def test_batch_order_is_a_function_of_seed_and_step():
-    a = take(BatchSampler(10, 3, seed=5), 12)
-    assert a == take(BatchSampler(10, 3, seed=5), 12)
-    assert a != take(BatchSampler(10, 3, seed=6), 12)
-    # Three batches per epoch (the partial one is dropped); each epoch visits distinct examples
-    # in a new order.
+    a = take(BatchSampler(10, 3, seed=5), 16)
+    assert a == take(BatchSampler(10, 3, seed=5), 16)
+    assert a != take(BatchSampler(10, 3, seed=6), 16)
+    # Four batches per epoch, the last of one image (kept, as the original's DataLoader keeps
+    # it); each epoch visits every example once in a new order.
     for epoch in range(4):
-        seen = sum(a[3 * epoch:3 * epoch + 3], [])
-        assert len(seen) == 9 and len(set(seen)) == 9 and set(seen) <= set(range(10))
-    assert a[0:3] != a[3:6]
+        batches = a[4 * epoch:4 * epoch + 4]
+        assert [len(b) for b in batches] == [3, 3, 3, 1]
+        assert sorted(sum(batches, [])) == list(range(10))
+    assert a[0:4] != a[4:8]
     # Starting at step k continues exactly where a run stopped, also across epochs.
-    for start in (1, 3, 4, 8):
-        assert take(BatchSampler(10, 3, seed=5, start=start), 12 - start) == a[start:]
+    for start in (1, 3, 4, 5, 8, 11):
+        assert take(BatchSampler(10, 3, seed=5, start=start), 16 - start) == a[start:]
+
+
+def test_an_epoch_of_cifar10_ends_with_its_partial_batch_as_in_the_original():
+    # The original's DataLoader(batch_size=32, shuffle=True) keeps the last 16 of 50,000 images.
+    sampler = BatchSampler(50_000, 32)
+    assert sampler.batches_per_epoch == 1_563
+    iterator = iter(BatchSampler(50_000, 32, start=1_561))
+    assert [len(next(iterator)) for _ in range(3)] == [32, 16, 32]
+
+
+def test_a_partial_batch_too_small_for_every_process_is_dropped():
+    # 11 images, 3 processes of 3: one global batch of 9, then 2 images for 3 processes.
+    assert BatchSampler(11, 3, world_size=3).batches_per_epoch == 1
+    # 13 images: the 4 left over give every process one or two.
+    assert BatchSampler(13, 3, world_size=3).batches_per_epoch == 2
+    shards = [take(BatchSampler(13, 3, seed=1, rank=r, world_size=3), 2)[1] for r in range(3)]
+    assert sorted(len(s) for s in shards) == [1, 1, 2]
+    whole = take(BatchSampler(13, 9, seed=1), 2)[1]
+    assert sorted(sum(shards, [])) == sorted(whole)
 
 
 def test_batch_sizes_that_divide_the_data_see_the_same_examples():
@@ -367,13 +387,13 @@ def test_batch_sizes_that_divide_the_data_see_the_same_examples():
 
 def test_ranks_partition_the_global_batch():
     world = 3
-    whole = take(BatchSampler(20, 6, seed=2), 7)
-    shards = [take(BatchSampler(20, 2, seed=2, rank=r, world_size=world), 7) for r in range(world)]
+    whole = take(BatchSampler(24, 6, seed=2), 7)
+    shards = [take(BatchSampler(24, 2, seed=2, rank=r, world_size=world), 7) for r in range(world)]
     for step in range(7):
         parts = [shards[r][step] for r in range(world)]
         assert all(len(p) == 2 for p in parts)
         assert sorted(sum(parts, [])) == sorted(whole[step])  # disjoint and complete
-    resumed = take(BatchSampler(20, 2, seed=2, start=4, rank=1, world_size=world), 3)
+    resumed = take(BatchSampler(24, 2, seed=2, start=4, rank=1, world_size=world), 3)
     assert resumed == shards[1][4:7]
 
 
