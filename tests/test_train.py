@@ -40,6 +40,25 @@ def test_learning_rate_schedule():
     assert learning_rate(50, 1e-3, 0.0, None) == 1e-3  # constant without a limit
 
 
+def test_each_update_uses_the_rate_at_the_step_after_its_micro_batches(tmp_path, no_plots):
+    """As the original (update_lr(i) then optimizer.step(), i the micro-batches done): 22
+    micro-batches, interval 4, lr 1e-3 -> 0 apply these five rates, not one interval early;
+    the last 2 micro-batches are not applied."""
+    model = tiny_model("mnist", stages=2)
+    loop = make_loop(model, tmp_path, step_interval=4, step_limit=22, lr=1e-3, lr_final=0.0,
+                     log_interval=4)
+    applied = []
+    loop.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: applied.append(optimizer.param_groups[0]["lr"]))
+    loop.run()
+    expected = [8.181818181818182e-4, 6.363636363636364e-4, 4.545454545454545e-4,
+                2.727272727272727e-4, 9.090909090909091e-5]
+    assert applied == pytest.approx(expected, rel=1e-12)
+    with open(loop.log_path) as f:  # the log shows the rate each update applied
+        logged = [float(row.split(",")[8]) for row in f.read().splitlines()[1:6]]
+    assert logged == pytest.approx(expected, rel=1e-5)
+
+
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_plots):
     """With accumulate="mean", k micro-batches of b per update equal one batch of k * b: same
     weights, same gradients.

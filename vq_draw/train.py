@@ -128,7 +128,8 @@ def check_settings(*, batch_size, step_interval, save_interval, log_interval, ev
 
 
 def learning_rate(step, lr, lr_final, step_limit):
-    """Linear from ``lr`` at step 0 to ``lr_final`` at ``step_limit`` (constant without either)."""
+    """The rate of the update that ends at ``step`` (micro-batches done, this update's included):
+    linear from ``lr`` at step 0 to ``lr_final`` at ``step_limit`` (constant without either)."""
     if lr_final is None or not step_limit:
         return lr
     return lr + (lr_final - lr) * min(step, step_limit) / step_limit
@@ -605,9 +606,6 @@ class TrainLoop:
         micro = self.step_interval
         if self.step_limit is not None:
             micro = min(micro, self.step_limit - self.step)
-        lr = learning_rate(self.step, self.lr, self.lr_final, self.step_limit)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         sums = {}
         # Summed: each micro-batch's gradient counts whole; averaged: 1 / step_interval of it.
@@ -627,7 +625,12 @@ class TrainLoop:
                 sums[key] = sums.get(key, 0.0) + terms[key].detach()
             sums["code_entropy"] = sums.get("code_entropy", 0.0) + terms["code_entropy"].mean()
             sums["options_used"] = sums.get("options_used", 0.0) + terms["options_used"].float().mean()
+        # As the original: the rate of an update is the schedule's at the step count after its
+        # micro-batches (update_lr(i) with i micro-batches done, then optimizer.step()).
+        lr = learning_rate(self.step + micro, self.lr, self.lr_final, self.step_limit)
         if micro == self.step_interval:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
         # else: the micro-batches left before step_limit are fewer than an update's. As in the
         # original (CIFAR-10's 34,811 = 2,175 x 16 + 11), they are trained and logged, but
@@ -711,6 +714,7 @@ class TrainLoop:
             return
         row = {"step": self.step, "time": round(time.time(), 1)}
         row.update({k: round(v, 6) for k, v in metrics.items()})
+        row["lr"] = float(f"{metrics['lr']:.6g}")  # small rates keep their digits
         if evaluated and self.last_eval is not None:
             row["test_mse"] = round(self.last_eval["final_mse"], 6)
             row["test_entropy"] = round(sum(self.last_eval["entropy"]) / len(self.last_eval["entropy"]), 4)
