@@ -265,16 +265,16 @@ def test_stop_at_then_resume_equals_an_uninterrupted_run(tmp_path, no_plots):
 
 
 def test_the_step_limit_evaluates_the_whole_test_set_once(tmp_path, monkeypatch, no_plots):
-    import vq_draw.train
+    import vq_draw.evaluate
 
     sizes = []
-    evaluate = vq_draw.train.evaluate
+    evaluate = vq_draw.evaluate.evaluate
 
     def counting_evaluate(model, images, **kwargs):
         sizes.append(len(images))
         return evaluate(model, images, **kwargs)
 
-    monkeypatch.setattr(vq_draw.train, "evaluate", counting_evaluate)
+    monkeypatch.setattr(vq_draw.evaluate, "evaluate", counting_evaluate)
     settings = dict(test_data=random_dataset(5, seed=3), step_limit=4, eval_interval=2, eval_size=2,
                     save_interval=2)
     loop = make_loop(tiny_model("mnist", stages=1), tmp_path, **settings)
@@ -541,3 +541,14 @@ def test_smoke_svhn_synthetic_mat(tmp_path, no_plots):
     test = load_dataset("svhn", "test", str(tmp_path), download=False)
     assert (len(train), len(test)) == (8, 4)
     assert_loss_falls("svhn", train, tmp_path, steps=4)
+
+
+def test_without_a_terminal_progress_is_printed_by_time_between_log_rows(tmp_path, monkeypatch,
+                                                                          capsys, no_plots):
+    from vq_draw import train_log
+    monkeypatch.setattr(train_log, "PROGRESS_SECONDS", 0.0)  # every update is "30 s later"
+    make_loop(tiny_model("mnist", stages=1), tmp_path, step_limit=3, log_interval=1000, quiet=False,
+              progress=False).run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" loss ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert "final" not in lines[0] and "final" in lines[-1]  # timed lines, then the log row
