@@ -308,13 +308,14 @@ def test_a_checkpoint_file_in_use_by_a_running_trainer_is_refused(digits, tmp_pa
 
     child = ForkedChild(first, str(tmp_path / "first.txt"))
     wait_until(lambda: log_rows(run) >= 1 and shared.exists(), child, what="the first trainer's save")
-    for other in ("other", "another"):
-        message = fails(lambda: train_cli.main("mnist", flags(digits, tmp_path / other, 8)
-                                               + ["--checkpoint", str(shared)]), capsys)
-        assert message == (f"error: {shared} is in use by another training process (PID {child.pid}, "
-                           f"which holds {shared.parent / '.checkpoint.pt.lock'}); wait for it to "
-                           f"end or stop it, or choose another --checkpoint"), message
-        assert not (tmp_path / other / "log.csv").exists()
+    holder = f"(PID {child.pid}, which holds"
+    for checkpoint, what, lock in ((shared, shared, shared.parent / ".checkpoint.pt.lock"),
+                                   (run / "mine.pt", f"{run}, the folder of the checkpoint,", run / ".lock")):
+        message = fails(lambda: train_cli.main("mnist", flags(digits, tmp_path / "other", 8)
+                                               + ["--checkpoint", str(checkpoint)]), capsys)
+        assert message == (f"error: {what} is in use by another training process {holder} {lock}); "
+                           f"wait for it to end or stop it, or choose another --checkpoint"), message
+        assert not (tmp_path / "other" / "log.csv").exists() and not (run / "mine.pt").exists()
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     train_cli.main("mnist", flags(digits, tmp_path / "other", 8) + ["--checkpoint", str(shared)])

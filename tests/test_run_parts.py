@@ -48,15 +48,22 @@ def test_the_run_folder_locks_itself_and_its_checkpoint_file(tmp_path):
     first.claim()
     with pytest.raises(RunDirError, match=f"is in use by another training process \\(PID {os.getpid()}"):
         RunFolder(tmp_path / "a").claim()
-    # Another run folder, the same checkpoint file: refused by the checkpoint's own lock.
-    with pytest.raises(RunDirError, match="checkpoint.pt is in use .* choose another --checkpoint"):
-        RunFolder(tmp_path / "b", first.checkpoint_path).claim()
-    assert not RunFolder(tmp_path / "b").claimed  # a refused claim holds nothing
+    # A checkpoint inside a running run's folder: refused.
+    with pytest.raises(RunDirError, match="the folder of the checkpoint, is in use .* another --checkpoint"):
+        RunFolder(tmp_path / "b", tmp_path / "a" / "mine.pt").claim()
     first.release()
-    other = RunFolder(tmp_path / "b", first.checkpoint_path)
-    other.claim()
-    assert other.claimed
-    other.release()
+    # Two run folders, one checkpoint file elsewhere: the second is refused by the file's lock.
+    shared = tmp_path / "checkpoints" / "shared.pt"
+    first = RunFolder(tmp_path / "a", shared)
+    first.claim()
+    second = RunFolder(tmp_path / "b", shared)
+    with pytest.raises(RunDirError, match="shared.pt is in use .* choose another --checkpoint"):
+        second.claim()
+    assert not second.claimed  # a refused claim holds nothing
+    first.release()
+    second.claim()
+    assert second.claimed and not os.path.exists(tmp_path / "checkpoints" / ".lock")
+    second.release()
 
 
 def test_the_log_is_trimmed_on_resume_and_a_malformed_one_is_named(tmp_path):

@@ -78,17 +78,27 @@ class RunFolder:
             if checkpoint_dir != os.path.abspath(self.run_dir):
                 with tempfile.TemporaryFile(dir=checkpoint_dir):
                     pass
+                self._check_not_a_running_run(checkpoint_dir)
             lock_name = f".{os.path.basename(self.checkpoint_path)}.lock"
             self._locks.append(FolderLock(checkpoint_dir, lock_name))
         except FolderInUse as exc:
             self.release()
-            raise RunDirError(f"{self.checkpoint_path} is in use by another training process (PID "
+            what = (self.checkpoint_path if exc.path.endswith(f".{os.path.basename(self.checkpoint_path)}.lock")
+                    else f"{checkpoint_dir}, the folder of the checkpoint,")
+            raise RunDirError(f"{what} is in use by another training process (PID "
                               f"{exc.holder or 'unknown'}, which holds {exc.path}); wait for it to "
                               f"end or stop it, or choose another --checkpoint") from None
         except OSError as exc:
             self.release()
             raise RunDirError(f"cannot write to {checkpoint_dir}, the folder of the checkpoint: "
                               f"{exc.strerror or exc}; choose a writable --checkpoint") from None
+
+    @staticmethod
+    def _check_not_a_running_run(folder):
+        """Raise ``FolderInUse`` when ``folder`` is the run folder of a trainer that is running
+        (its ``.lock`` is held); take nothing otherwise."""
+        if os.path.exists(os.path.join(folder, ".lock")):
+            FolderLock(folder).release()
 
     def release(self):
         for lock in reversed(self._locks):
