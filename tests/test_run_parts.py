@@ -186,14 +186,26 @@ def test_a_state_restores_weights_adam_step_and_random_state(tmp_path):
 
 
 def test_without_a_bar_progress_is_printed_by_time(tmp_path, monkeypatch, capsys):
-    output = train_log.TrainLog(RunFolder(tmp_path), TrainSettings(step_limit=100), bar=False)
-    output.start(0)
+    output = train_log.TrainLog(RunFolder(tmp_path), bar=False)
+    output.start(0, TrainSettings(step_limit=100))
     output.between_rows(3, lambda: 0.25)
     assert capsys.readouterr().out == ""  # not yet: PROGRESS_SECONDS have not passed
     monkeypatch.setattr(train_log, "PROGRESS_SECONDS", 0.0)
     output.between_rows(5, lambda: 0.25)
     line = capsys.readouterr().out
     assert line.startswith("step 5/100 loss 0.25000 ") and "steps/s" in line and " left " in line
-    quiet = train_log.TrainLog(RunFolder(tmp_path), TrainSettings(), show=False)
-    quiet.start(0)
+    quiet = train_log.TrainLog(RunFolder(tmp_path), show=False)
+    quiet.start(0, TrainSettings())
     quiet.between_rows(5, lambda: pytest.fail("a quiet run computes no line"))
+
+
+def test_a_closed_terminal_silences_the_output_instead_of_stopping_the_run(tmp_path, monkeypatch):
+    output = train_log.TrainLog(RunFolder(tmp_path), bar=False)
+
+    def gone(*args, **kwargs):
+        raise OSError(5, "Input/output error")  # what a write to a hung-up terminal gets
+
+    monkeypatch.setattr("builtins.print", gone)
+    output.message("step 1")
+    assert not output.show
+    output.message("step 2")  # no second attempt

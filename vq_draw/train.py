@@ -88,7 +88,7 @@ class TrainLoop:
         self.objective = objective
         self.quiet = quiet
         self.is_main = self.processes.is_main
-        self.output = TrainLog(self.folder, self.settings, self.world_size, write=self.is_main,
+        self.output = TrainLog(self.folder, self.world_size, write=self.is_main,
                                show=not quiet, bar=sys.stderr.isatty() if progress is None else progress)
         self.step = 0
         self.prior_steps = 0  # training steps behind the weights this run started from (start)
@@ -151,7 +151,7 @@ class TrainLoop:
         batches = self._batches()
         self.log(describe_run(settings, self.device, self.processes))
         self.model.train()
-        self.output.start(self.step)
+        self.output.start(self.step, settings)
         totals, count = {}, 0
         final_done = False
         while (settings.step_limit is None or self.step < settings.step_limit) and not self._stopped:

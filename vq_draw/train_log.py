@@ -11,27 +11,36 @@ PROGRESS_SECONDS = 30.0
 
 
 class TrainLog:
-    """The output of a run into ``folder`` (``RunFolder``) with ``settings`` (``TrainSettings``).
+    """The output of a run into ``folder`` (``RunFolder``).
 
     :param write: whether this process writes log.csv (rank 0).
     :param show: whether it prints (rank 0, not quiet); ``bar``: as a tqdm bar on stderr.
     """
 
-    def __init__(self, folder, settings, world_size=1, *, write=True, show=True, bar=False):
-        self.folder, self.settings, self.world_size = folder, settings, world_size
+    def __init__(self, folder, world_size=1, *, write=True, show=True, bar=False):
+        self.folder, self.world_size, self.settings = folder, world_size, None
         self.write, self.show, self.use_bar = write, show and write, bar and show and write
         self._bar = None
         self._row_time = self._row_step = self._line_time = None
 
     def message(self, text):
-        if self.show:
+        if not self.show:
+            return
+        try:
             if self._bar is not None:
                 self._bar.write(text, file=sys.stdout)  # clears and redraws the bar
             else:
                 print(text, flush=True)
+        except OSError:
+            # The terminal is gone (SIGHUP: writes fail with EIO): the run goes on to its
+            # save, silently, rather than dying on a progress line.
+            self.show = self.use_bar = False
+            self._bar = None
 
-    def start(self, step):
-        """Training starts (again) at ``step``: open the bar and the timers."""
+    def start(self, step, settings):
+        """Training with ``settings`` (``TrainSettings``) starts (again) at ``step``: open the
+        bar and the timers."""
+        self.settings = settings
         self._row_time, self._row_step, self._line_time = time.time(), step, time.monotonic()
         if self.use_bar:
             from tqdm import tqdm
