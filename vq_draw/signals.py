@@ -26,6 +26,21 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(message)
         self.signum = signum
 
+    @classmethod
+    def at(cls, signum, step, path, held=False, during=None):
+        """The exception for a run stopped at ``step``: saved to ``path`` then, already ``held``
+        there, or (at step 0) not saved at all; ``during`` names what the signal cut short."""
+        name = signal_name(signum) + (f" during {during}" if during else "")
+        if held:
+            where = f"at step {step}, which {path} already holds"
+        elif step == 0:
+            return cls(signum, f"stopped by {name} before the first update; nothing was saved, "
+                               f"and the same command starts from the beginning")
+        else:
+            where = f"at step {step}, saved to {path}"
+        return cls(signum, f"stopped by {name} {where}; run the same command again to resume "
+                           f"from there")
+
 
 class StoppedAtOnce(KeyboardInterrupt):
     """A second signal stopped the run at once, without saving; ``signum`` is that signal."""

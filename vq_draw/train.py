@@ -31,7 +31,7 @@ from .distributed import Processes, check_device, compile_refiners, evaluate_sha
 from .evaluate import format_table
 from .run_folder import ImageWriteError, RunDirError, RunFolder
 from .settings import ACCUMULATE, ADAM_BETAS, ADAM_EPS, TrainSettings, check_settings, learning_rate
-from .signals import Interrupted, StopSignals, signal_name
+from .signals import Interrupted, StopSignals
 from .train_log import TrainLog, describe_run
 
 __all__ = ["TrainLoop", "TrainSettings", "Interrupted", "RunDirError", "check_device", "check_settings",
@@ -324,20 +324,13 @@ class TrainLoop:
         return self.processes.max_flag(self.signals.first or 0)
 
     def _interrupted(self, signum, during=None):
-        """Save where the run stopped (unless the checkpoint already holds this step) and
-        return the ``Interrupted`` exception that says where."""
+        """Save where the run stopped (unless the checkpoint holds this step or there is
+        nothing to save) and return the ``Interrupted`` exception that says where."""
         self.output.close()
-        name = signal_name(signum) + (f" during {during}" if during else "")
-        if self._saved_step == self.step:
-            where = f"at step {self.step}, which {self.checkpoint_path} already holds"
-        elif self.step == 0:
-            return Interrupted(signum, f"stopped by {name} before the first update; nothing was "
-                                       f"saved, and the same command starts from the beginning")
-        else:
+        held = self._saved_step == self.step
+        if not held and self.step > 0:
             self.save()
-            where = f"at step {self.step}, saved to {self.checkpoint_path}"
-        return Interrupted(signum, f"stopped by {name} {where}; run the same command again to "
-                                   f"resume from there")
+        return Interrupted.at(signum, self.step, self.checkpoint_path, held=held, during=during)
 
     @property
     def _stopped(self):
