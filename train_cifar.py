@@ -1,6 +1,9 @@
 """Train VQ-DRAW on cifar10; see README.md for the published command and flags."""
 
-from vq_draw.train_cli import main
+try:
+    from vq_draw.train_cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch is imported: nothing started, no traceback
+    raise SystemExit(130)
 
 if __name__ == "__main__":
     main("cifar10")

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import vq_draw
-from vq_draw.checkpoint import CheckpointError, load_model
+from vq_draw.checkpoint import CheckpointError
+from vq_draw.loading import load_model
 from vq_draw.convert import convert_state_dict
 from vq_draw.evaluate import evaluate
 from vq_draw.reference import proposals

@@ -17,12 +17,13 @@ from PIL import Image
 
 import vq_draw
 from vq_draw import train_cli
-from vq_draw.checkpoint import CheckpointError, SaveError, load_model, save_checkpoint
+from vq_draw.checkpoint import CheckpointError, SaveError, save_checkpoint
+from vq_draw.loading import load_model
 from vq_draw.data import ArrayDataset
 from vq_draw.train import Interrupted, RunDirError, TrainLoop
 from conftest import REPO, ForkedChild, script_env, state_equal, write_npz
 
-SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGHUP": signal.SIGHUP}
 
 
 def wait_until(condition, child, timeout=60, what="the child to get there"):
@@ -86,12 +87,13 @@ def assert_same_training(a, b):
 # ---------------------------------------------------------------------- SIGINT and SIGTERM
 
 
-@pytest.mark.parametrize("name,source", [("SIGINT", "npz"), ("SIGTERM", "npz"),
+@pytest.mark.parametrize("name,source", [("SIGINT", "npz"), ("SIGTERM", "npz"), ("SIGHUP", "npz"),
                                          ("SIGINT", "image files, 1 worker")])
 def test_a_signal_saves_at_the_end_of_the_update_and_the_run_resumes_exactly(
         name, source, digits, tmp_path, capsys, no_plots):
     """No periodic checkpoint falls in the run (save interval 1000): the one the signal makes
-    is the only one, and resuming from it ends bitwise where an uninterrupted run does."""
+    is the only one, and resuming from it ends bitwise where an uninterrupted run does. SIGHUP
+    (a closed terminal or ssh session) saves as SIGTERM does."""
     sig, steps, workers, data = SIGNALS[name], 40, 0, digits
     if source != "npz":
         # A Ctrl-C in a terminal reaches the DataLoader workers too (the process group).
@@ -125,10 +127,11 @@ def test_a_signal_saves_at_the_end_of_the_update_and_the_run_resumes_exactly(
     assert_same_training(run, reference)
 
 
-@pytest.mark.parametrize("periodic", [False, True], ids=["no checkpoint yet", "a checkpoint"])
-def test_a_second_ctrl_c_stops_at_once(periodic, digits, tmp_path):
+@pytest.mark.parametrize("name,periodic", [("SIGINT", False), ("SIGINT", True), ("SIGTERM", True)])
+def test_a_second_ctrl_c_stops_at_once(name, periodic, digits, tmp_path):
     """The first Ctrl-C asks for a save at the end of the update; a second one before that
-    save stops at once, and the message names a checkpoint only when there is one."""
+    save stops at once, and the message names a checkpoint only when there is one. The exit
+    status is that of the second signal: 130 for Ctrl-C, 143 for a scheduler's SIGTERM."""
     run = tmp_path / "run"
     saves_started = tmp_path / "save_started"
 
@@ -136,10 +139,10 @@ def test_a_second_ctrl_c_stops_at_once(periodic, digits, tmp_path):
         slow_updates(0.05)
         interrupted = TrainLoop._interrupted
 
-        def slow_interrupted(self, signum):  # before the first Ctrl-C's save: wait for the second
+        def slow_interrupted(self, signum, during=None):  # before the save: wait for the second
             open(saves_started, "w").close()
             time.sleep(30)
-            return interrupted(self, signum)
+            return interrupted(self, signum, during)
 
         TrainLoop._interrupted = slow_interrupted
         train_cli.main("mnist", flags(digits, run, 200, save_interval=2 if periodic else 1000))
@@ -147,10 +150,10 @@ def test_a_second_ctrl_c_stops_at_once(periodic, digits, tmp_path):
     child = ForkedChild(command, str(tmp_path / "child.txt"))
     wait_until(lambda: log_rows(run) >= 2 and (not periodic or (run / "checkpoint.pt").exists()),
                child, what="training")
-    os.kill(child.pid, signal.SIGINT)
-    wait_until(saves_started.exists, child, what="the first Ctrl-C's save")
-    os.kill(child.pid, signal.SIGINT)
-    assert child.wait(timeout=20) == 130, child.output()
+    os.kill(child.pid, SIGNALS[name])
+    wait_until(saves_started.exists, child, what="the first signal's save")
+    os.kill(child.pid, SIGNALS[name])
+    assert child.wait(timeout=20) == 128 + SIGNALS[name], child.output()
     last = child.output().strip().splitlines()[-1]
     if periodic:
         assert last == (f"stopped at once; run the same command again to resume from the last "
@@ -164,6 +167,41 @@ def test_a_second_ctrl_c_stops_at_once(periodic, digits, tmp_path):
     assert not [f for f in os.listdir(run) if ".tmp." in f]
 
 
+def test_sigterm_during_the_final_evaluation_loses_nothing(digits, tmp_path, capsys, no_plots):
+    """The whole-test-set evaluation at the step limit can outlast a scheduler's grace period:
+    the checkpoint is saved before it starts, and a SIGTERM stops it between chunks."""
+    run, started = tmp_path / "run", tmp_path / "evaluating"
+
+    def command():
+        import vq_draw.evaluate
+        import vq_draw.train
+        evaluate = vq_draw.evaluate.evaluate
+
+        def slow_evaluate(*args, **kwargs):
+            open(started, "w").close()
+            time.sleep(0.3)
+            return evaluate(*args, **kwargs)
+
+        vq_draw.evaluate.evaluate = slow_evaluate
+        vq_draw.train.EVAL_CHUNK = 2  # many chunks, a check for a stop between each
+        train_cli.main("mnist", flags(digits, run, 8))
+
+    child = ForkedChild(command, str(tmp_path / "child.txt"))
+    wait_until(started.exists, child, what="the final evaluation")
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8  # saved before it
+    os.kill(child.pid, signal.SIGTERM)
+    assert child.wait(timeout=30) == 143, child.output()
+    assert child.output().strip().splitlines()[-1] == (
+        f"stopped by SIGTERM during the held-out evaluation at step 8, which "
+        f"{run / 'checkpoint.pt'} already holds; run the same command again to resume from there")
+    assert "Traceback" not in child.output() and not (run / "final_eval.json").exists()
+    # The same command trains no more and evaluates the whole test set.
+    capsys.readouterr()
+    train_cli.main("mnist", flags(digits, run, 8))
+    assert "held-out evaluation on all" in capsys.readouterr().out and (run / "final_eval.json").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
 def test_a_signal_before_the_first_update_saves_nothing_and_says_so(tmp_path, no_plots):
     model = vq_draw.create_model("mnist", stages=1, options=2)
     data = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
@@ -173,7 +211,7 @@ def test_a_signal_before_the_first_update_saves_nothing_and_says_so(tmp_path, no
     check = loop._stop_signal
 
     def signal_then_check():  # the signal arrives just before the loop's first check
-        loop._on_signal(signal.SIGTERM, None)
+        loop.signals.receive(signal.SIGTERM)
         return check()
 
     loop._stop_signal = signal_then_check
@@ -259,6 +297,73 @@ def test_a_second_trainer_stops_at_once_and_kill_9_leaves_no_stale_lock(workers,
     assert steps == sorted(set(steps)), steps  # one row per step
 
 
+def test_a_checkpoint_file_in_use_by_a_running_trainer_is_refused(digits, tmp_path, capsys, no_plots):
+    """The lock covers the checkpoint file too: another run folder with the same --checkpoint,
+    or with --checkpoint inside a running run's folder, stops at once and writes nothing."""
+    shared, run = tmp_path / "shared" / "checkpoint.pt", tmp_path / "run"
+
+    def first():
+        slow_updates(0.2)
+        train_cli.main("mnist", flags(digits, run, 100000, save_interval=2) + ["--checkpoint", str(shared)])
+
+    child = ForkedChild(first, str(tmp_path / "first.txt"))
+    wait_until(lambda: log_rows(run) >= 1 and shared.exists(), child, what="the first trainer's save")
+    holder = f"(PID {child.pid}, which holds"
+    for checkpoint, what, lock in ((shared, shared, shared.parent / ".checkpoint.pt.lock"),
+                                   (run / "mine.pt", f"{run}, the folder of the checkpoint,", run / ".lock")):
+        message = fails(lambda: train_cli.main("mnist", flags(digits, tmp_path / "other", 8)
+                                               + ["--checkpoint", str(checkpoint)]), capsys)
+        assert message == (f"error: {what} is in use by another training process {holder} {lock}); "
+                           f"wait for it to end or stop it, or choose another --checkpoint"), message
+        assert not (tmp_path / "other" / "log.csv").exists() and not (run / "mine.pt").exists()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    train_cli.main("mnist", flags(digits, tmp_path / "other", 8) + ["--checkpoint", str(shared)])
+    assert torch.load(shared, weights_only=True)["step"] == 8
+
+
+def test_a_malformed_log_is_one_line_that_names_it(digits, tmp_path, capsys, no_plots):
+    run = tmp_path / "run"
+    train_cli.main("mnist", flags(digits, run, 4, save_interval=2))
+    with open(run / "log.csv", "w") as f:
+        f.write("step,loss\n2,0.5\n4,\x00oops\nfour,0.4\n")
+    message = fails(lambda: train_cli.main("mnist", flags(digits, run, 8, save_interval=2)), capsys)
+    assert message == (f"error: {run / 'log.csv'} line 4 has step 'four', not a number, so the run "
+                       f"cannot resume its log; move it away (or delete it) and run the same "
+                       f"command again"), message
+    os.remove(run / "log.csv")
+    train_cli.main("mnist", flags(digits, run, 8, save_interval=2))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+def test_a_full_disk_while_writing_the_images_names_the_file_and_keeps_the_checkpoint(
+        digits, tmp_path, monkeypatch, capsys):
+    import vq_draw.images
+
+    def full(grid, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vq_draw.images, "save_image", full)
+    run = tmp_path / "run"
+    message = fails(lambda: train_cli.main("mnist", flags(digits, run, 4, save_interval=2)), capsys)
+    assert message == (f"error: could not write {run / 'reconstructions.png'}: No space left on device; "
+                       f"the checkpoint {run / 'checkpoint.pt'} was saved at step 2, so the same "
+                       f"command resumes from it"), message
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_script_imports_torch_is_no_traceback(tmp_path):
+    """(Slow: a fresh interpreter.) Ctrl-C in the first second, while torch is imported."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_mnist.py"), "--run-dir",
+                             str(tmp_path / "run")], env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
 def test_the_lock_is_released_when_run_ends(tmp_path, no_plots):
     model = vq_draw.create_model("mnist", stages=1, options=2)
     data = ArrayDataset(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8))
@@ -268,7 +373,7 @@ def test_the_lock_is_released_when_run_ends(tmp_path, no_plots):
         TrainLoop(model=vq_draw.create_model("mnist", stages=1, options=2), step_limit=2, **settings)
     first.run()
     # The same loop runs again (it locks the folder again), and another one can take over.
-    first.step_limit = 4
+    first.settings = first.settings.replace(step_limit=4)
     first.run()
     assert TrainLoop(model=model, step_limit=6, **settings).run() is None and first.step == 4
 
@@ -403,6 +508,7 @@ def test_a_run_folder_that_is_a_file(digits, tmp_path, capsys):
     ("cuda", "no CUDA GPU is available on this machine"),
     ("cuda:99", "this machine has"),
     ("gpu", "unknown device 'gpu'"),
+    ("meta", "holds no data, so a model cannot train on it"),
 ])
 def test_a_device_this_machine_lacks_is_one_line_before_training(device, words, digits, tmp_path,
                                                                   capsys):

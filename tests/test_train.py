@@ -40,6 +40,25 @@ def test_learning_rate_schedule():
     assert learning_rate(50, 1e-3, 0.0, None) == 1e-3  # constant without a limit
 
 
+def test_each_update_uses_the_rate_at_the_step_after_its_micro_batches(tmp_path, no_plots):
+    """As the original (update_lr(i) then optimizer.step(), i the micro-batches done): 22
+    micro-batches, interval 4, lr 1e-3 -> 0 apply these five rates, not one interval early;
+    the last 2 micro-batches are not applied."""
+    model = tiny_model("mnist", stages=2)
+    loop = make_loop(model, tmp_path, step_interval=4, step_limit=22, lr=1e-3, lr_final=0.0,
+                     log_interval=4)
+    applied = []
+    loop.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: applied.append(optimizer.param_groups[0]["lr"]))
+    loop.run()
+    expected = [8.181818181818182e-4, 6.363636363636364e-4, 4.545454545454545e-4,
+                2.727272727272727e-4, 9.090909090909091e-5]
+    assert applied == pytest.approx(expected, rel=1e-12)
+    with open(loop.log_path) as f:  # the log shows the rate each update applied
+        logged = [float(row.split(",")[8]) for row in f.read().splitlines()[1:6]]
+    assert logged == pytest.approx(expected, rel=1e-5)
+
+
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, no_plots):
     """With accumulate="mean", k micro-batches of b per update equal one batch of k * b: same
     weights, same gradients.
@@ -246,16 +265,16 @@ def test_stop_at_then_resume_equals_an_uninterrupted_run(tmp_path, no_plots):
 
 
 def test_the_step_limit_evaluates_the_whole_test_set_once(tmp_path, monkeypatch, no_plots):
-    import vq_draw.train
+    import vq_draw.evaluate
 
     sizes = []
-    evaluate = vq_draw.train.evaluate
+    evaluate = vq_draw.evaluate.evaluate
 
     def counting_evaluate(model, images, **kwargs):
         sizes.append(len(images))
         return evaluate(model, images, **kwargs)
 
-    monkeypatch.setattr(vq_draw.train, "evaluate", counting_evaluate)
+    monkeypatch.setattr(vq_draw.evaluate, "evaluate", counting_evaluate)
     settings = dict(test_data=random_dataset(5, seed=3), step_limit=4, eval_interval=2, eval_size=2,
                     save_interval=2)
     loop = make_loop(tiny_model("mnist", stages=1), tmp_path, **settings)
@@ -522,3 +541,14 @@ def test_smoke_svhn_synthetic_mat(tmp_path, no_plots):
     test = load_dataset("svhn", "test", str(tmp_path), download=False)
     assert (len(train), len(test)) == (8, 4)
     assert_loss_falls("svhn", train, tmp_path, steps=4)
+
+
+def test_without_a_terminal_progress_is_printed_by_time_between_log_rows(tmp_path, monkeypatch,
+                                                                          capsys, no_plots):
+    from vq_draw import train_log
+    monkeypatch.setattr(train_log, "PROGRESS_SECONDS", 0.0)  # every update is "30 s later"
+    make_loop(tiny_model("mnist", stages=1), tmp_path, step_limit=3, log_interval=1000, quiet=False,
+              progress=False).run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" loss ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert "final" not in lines[0] and "final" in lines[-1]  # timed lines, then the log row

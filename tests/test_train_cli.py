@@ -12,7 +12,8 @@ import torch
 
 import vq_draw
 from vq_draw import evaluate, train_cli
-from vq_draw.checkpoint import CheckpointError, load_model
+from vq_draw.checkpoint import CheckpointError
+from vq_draw.loading import load_model
 from conftest import REPO, run_script, write_npz
 
 TINY_FLAGS = ["--stages", "2", "--options", "4", "--batch", "2", "--step-limit", "2",

@@ -1,4 +1,4 @@
-"""Checkpoint files: reading and validating, atomic saving, exporting and ``load_model``.
+"""Checkpoint files: reading and validating, atomic saving and exporting.
 
 A checkpoint is a ``torch.save`` dict tagged ``"format": CHECKPOINT_FORMAT`` with the model
 ``"config"`` (``create_model``'s arguments) and its ``"model"`` weights. A training
@@ -6,6 +6,8 @@ checkpoint adds ``"optimizer"``, ``"step"``, ``"rng"`` and the recipe (``"train"
 exported one keeps only the weights, config and ``"trained_steps"``. Files are read with
 ``weights_only=True``, so loading one never runs code. Every file written here carries a
 ``"checksum"`` of its contents, checked on reading (older files without one still load).
+This module knows only its own format: ``loading.load_model`` also reads the original
+implementation's state dicts, through vq_draw/convert.py.
 """
 
 import os
@@ -66,26 +68,31 @@ def steps_behind(ckpt):
 
 # ---------------------------------------------------------------------- reading
 
-def read_checkpoint(path, map_location="cpu", dataset=None):
-    """Load and validate a checkpoint file: a dict with "format", "config" and "model".
+def read_checkpoint(path, map_location="cpu"):
+    """Load and validate a checkpoint file of this project: a dict with "format", "config" and
+    "model". Raises ``CheckpointError`` with a one-line reason for anything else (the
+    original's state dicts are read by ``loading.read_model_file``)."""
+    return validate_checkpoint(load_file(path, map_location), path)
 
-    A state dict of the original implementation (unixpickle/vq-draw) is converted into one
-    (``convert.convert_state_dict``; ``dataset`` names its dataset where the shapes do not).
-    Raises ``CheckpointError`` with a one-line reason for anything else.
-    """
+
+def load_file(path, map_location="cpu"):
+    """What ``torch.load`` (``weights_only``) reads from ``path``; ``CheckpointError`` (one line)
+    for a missing, truncated, foreign or unsafe file."""
     try:
         with warnings.catch_warnings():
             # A foreign pickle also draws a warning about its protocol; the error says enough.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise _read_error(path, exc) from None
+
+
+def validate_checkpoint(ckpt, path="checkpoint"):
+    """``ckpt`` (what ``load_file`` read from ``path``) if it is a valid checkpoint of this
+    project: tagged, not newer than this code, its checksum right; else ``CheckpointError``."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        from .convert import convert_state_dict, is_original_state_dict  # convert imports this module
-        if is_original_state_dict(ckpt):
-            return convert_state_dict(ckpt, dataset, path)
         raise CheckpointError(f"{path} is not a VQ-DRAW checkpoint (no '{CHECKPOINT_FORMAT}' "
                               f"format tag); was it written by another program?")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
@@ -169,16 +176,6 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
         raise CheckpointError(f"{path}: weights do not match its config "
                               f"({str(exc).splitlines()[0][:200]})") from None
     return model
-
-
-def load_model(path, map_location="cpu", dataset=None):
-    """Rebuild a model from a checkpoint alone; returned in eval mode on ``map_location``.
-
-    Also reads the original implementation's state dicts (``dataset`` where the shapes leave
-    it open, as ``read_checkpoint``).
-    """
-    model = model_from_checkpoint(read_checkpoint(path, map_location, dataset), path)
-    return model.to(map_location).eval()
 
 
 # ---------------------------------------------------------------------- writing

@@ -298,7 +298,7 @@ def run_rd(args):
 
 
 def _load_model(path, device):
-    from .checkpoint import load_model
+    from .loading import load_model
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return load_model(path, map_location=device)

@@ -138,7 +138,8 @@ ORIGINAL_MNIST_MSE = [0.405, 0.280, 0.217, 0.170, 0.140, 0.122, 0.098, 0.089, 0.
 
 
 def main(argv=None):
-    from .checkpoint import CheckpointError, load_model
+    from .checkpoint import CheckpointError
+    from .loading import load_model
     from .data import DataError, load_dataset
 
     parser = argparse.ArgumentParser(description="Evaluate a VQ-DRAW checkpoint on a test set.")

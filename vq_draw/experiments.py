@@ -21,8 +21,9 @@ import sys
 import torch
 
 from . import train_cli
-from .checkpoint import CheckpointError, config_mismatch, model_from_checkpoint, read_checkpoint, steps_behind
+from .checkpoint import CheckpointError, config_mismatch, model_from_checkpoint, steps_behind
 from .config import DATASETS, check_segment, create_model, describe_segment
+from .loading import read_model_file
 from .nn import segment_lengths, segment_sizes
 
 
@@ -133,7 +134,7 @@ class FineTuneFrom:
 
     def __call__(self, loop):
         path, model = self.path, loop.model
-        ckpt = read_checkpoint(path, map_location="cpu")
+        ckpt = read_model_file(path, map_location="cpu")
         segment = model.config["segment"]
         # Stages per network may differ (the source is then split below); nothing else may.
         mismatch = config_mismatch(dict(ckpt["config"], segment=segment), model.config)

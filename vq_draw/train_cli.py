@@ -16,8 +16,11 @@ import torch
 from .checkpoint import CheckpointError, SaveError
 from .config import DATASETS, create_model
 from .data import DataError, ImageReadError, load_dataset, skipped_images_note
-from .train import (ACCUMULATE, Interrupted, RunDirError, TrainLoop, check_device,
-                    check_settings)
+from .distributed import check_device
+from .run_folder import RunDirError
+from .settings import ACCUMULATE, TrainSettings
+from .signals import Interrupted, StoppedAtOnce
+from .train import TrainLoop
 
 
 def build_parser(dataset, prog=None):
@@ -91,7 +94,7 @@ def parse_args(dataset, argv=None):
 
 def check_args(parser, args):
     """``args`` with the meanings only the command line has (``parser.error`` on failure); the
-    values themselves are checked by ``create_model`` and ``train.check_settings``."""
+    values themselves are checked by ``create_model`` and ``TrainSettings``."""
     if args.step_limit < 0:
         parser.error(f"--step-limit must be >= 0 (0 trains forever), got {args.step_limit}")
     return args
@@ -112,15 +115,22 @@ def main(dataset, argv=None):
     train(parse_args(dataset, argv))
 
 
+def settings_from_args(args):
+    """The ``TrainSettings`` of parsed ``args``; raises ValueError (one line) for a bad value."""
+    return TrainSettings(batch_size=args.batch, step_interval=args.step_interval,
+                         accumulate=args.accumulate, lr=args.lr, lr_final=args.lr_final,
+                         step_limit=args.step_limit or None, stop_at=args.stop_at,
+                         save_interval=args.save_interval, eval_interval=args.eval_interval or None,
+                         eval_size=args.eval_size, log_interval=args.log_interval, seed=args.seed,
+                         bf16=args.bf16)
+
+
 def train(args, objective=None, start=None):
-    """Build the model, data and ``TrainLoop`` from parsed ``args`` and run it; errors end the
-    process with one line. ``objective`` and ``start`` are TrainLoop's experiment hooks."""
+    """Build the settings, model, data and ``TrainLoop`` from parsed ``args`` and run it; errors
+    end the process with one line. ``objective`` and ``start`` are TrainLoop's experiment hooks."""
+    loop = None
     try:
-        check_settings(batch_size=args.batch, step_interval=args.step_interval,
-                       save_interval=args.save_interval, log_interval=args.log_interval,
-                       eval_size=args.eval_size, step_limit=args.step_limit or None,
-                       stop_at=args.stop_at, lr=args.lr, lr_final=args.lr_final,
-                       accumulate=args.accumulate)
+        settings = settings_from_args(args)
         check_device(args.device)  # before the data, which may be a long download
         torch.manual_seed(args.seed)
         dataset = args.dataset
@@ -135,27 +145,21 @@ def train(args, objective=None, start=None):
         note = skipped_images_note(train_data, test_data)
         if note:
             print(f"warning: {note}", file=sys.stderr)
-        loop = TrainLoop(model=model, train_data=train_data, test_data=test_data, run_dir=args.run_dir,
-                         checkpoint_path=args.checkpoint, batch_size=args.batch,
-                         step_interval=args.step_interval, accumulate=args.accumulate,
-                         lr=args.lr, lr_final=args.lr_final,
-                         step_limit=args.step_limit or None, save_interval=args.save_interval,
-                         eval_interval=args.eval_interval, eval_size=args.eval_size,
-                         log_interval=args.log_interval, device=args.device, seed=args.seed,
-                         num_workers=args.workers, bf16=args.bf16, progress=args.progress,
-                         compile=args.compile, stop_at=args.stop_at, objective=objective,
-                         start=start)
+        loop = TrainLoop(model=model, train_data=train_data, test_data=test_data, settings=settings,
+                         run_dir=args.run_dir, checkpoint_path=args.checkpoint, device=args.device,
+                         num_workers=args.workers, progress=args.progress, compile=args.compile,
+                         objective=objective, start=start)
         loop.run()
         loop.close()
     except (DataError, CheckpointError, SaveError, RunDirError, ValueError, FloatingPointError,
             OSError) as exc:
         hint = "; --skip-bad-images leaves such files out" if isinstance(exc, ImageReadError) else ""
         sys.exit(f"error: {exc}{hint}")
-    except Interrupted as exc:  # SIGINT/SIGTERM: saved at the end of the update under way
+    except Interrupted as exc:  # a signal: saved at the end of the update under way
         loop.close()
         print(exc, file=sys.stderr)
         sys.exit(128 + exc.signum)  # as a shell reports a process ended by the signal
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+    except KeyboardInterrupt as exc:  # a second signal, or a Ctrl-C before training started
         path = args.checkpoint or os.path.join(args.run_dir, "checkpoint.pt")
         if os.path.exists(path):
             print(f"stopped at once; run the same command again to resume from the last "
@@ -163,4 +167,4 @@ def train(args, objective=None, start=None):
         else:
             print("stopped at once, before any checkpoint was saved; the same command starts "
                   "from the beginning", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(128 + (exc.signum if isinstance(exc, StoppedAtOnce) else signal.SIGINT))

@@ -87,7 +87,8 @@ NOTEBOOKS = ("mnist_demo.ipynb", "mnist_classify.ipynb")
 
 
 def main(argv=None):
-    from ..checkpoint import CheckpointError, load_model
+    from ..checkpoint import CheckpointError
+    from ..loading import load_model
     from ..data import DataError, load_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -114,7 +115,7 @@ def main(argv=None):
         for path in make_images(model, dataset, args.out):
             print(f"wrote {path}")
     if args.eval:
-        from .evaluate import main as evaluate_main
+        from ..evaluate import main as evaluate_main
 
         eval_args = [args.model, "--json", os.path.join(args.out, "mnist_eval.json")]
         evaluate_main(eval_args + (["--data-dir", args.data_dir] if args.data_dir else []))
