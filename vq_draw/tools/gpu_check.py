@@ -16,9 +16,10 @@ Phases, in order of value (``--phases``):
 
 - ``train``: the published commands (``train_cifar.py``, ``train_celeba.py``) for 256 and 128
   micro-batches, side by side on the one GPU (their steps are bound by kernel launches, so each
-  leaves the GPU mostly idle). Each process is a ``--stop-at`` slice planned from the measured
-  speed to end, saved, inside the budget; a slice that runs late gets SIGTERM in time to finish
-  its update and save. The next slice, in this command or the next, resumes from the checkpoint.
+  leaves the GPU mostly idle). Each process is a ``--stop-at`` slice that saves at its end: once
+  the speed is measured, planned to end inside the budget; before that, aimed at the run's end.
+  A slice that would overrun gets SIGTERM in time to finish the update under way and save. The
+  next slice, in this command or the next, resumes from the checkpoint.
 - ``compare``: ``compare_log`` on each run so far: the window means (CIFAR-10 micro-batches
   193-256 against the log's, CelebA 97-128) within 15 %, the plots and the logs' CSVs.
 - ``time``: the published micro-batch of each dataset, eager and ``--compile``, fp32 and bf16
@@ -248,6 +249,10 @@ class TrainJob:
         update = self.estimate("rate") * self.interval
         available = train_end - now - self.estimate("startup") - self.estimate("save") - TERM_MARGIN
         updates = math.floor(available / update)
+        if updates >= 1 and self.record["rate"] is None:
+            # Unmeasured: aim at the end, since a start and a save cost more than the SIGTERM
+            # that stops a slow run in time, at an update boundary.
+            updates = math.ceil((target - done) / self.interval)
         if self.settings.slice:
             allowed = max(1, self.settings.slice // self.interval) * self.interval - self.trained_here
             updates = min(updates, allowed // self.interval)
@@ -474,13 +479,13 @@ def time_phase(settings, state, deadline, stopping):
             time.sleep(0.5)
         thread.join(timeout=10)
         result = {"dataset": name, "mode": mode, "precision": precision,
-                  "wall_seconds": round(time.time() - started, 1)}
+                  "process_seconds": round(time.time() - started, 1)}
         if os.path.exists(result_path):
             with open(result_path) as f:
                 result.update(json.load(f))
             result["loop_seconds"] = _loop_seconds(os.path.join(run_dir, "log.csv"), guess["warmup"])
         else:
-            result["error"] = (f"stopped after {result['wall_seconds']} s, the time left" if
+            result["error"] = (f"stopped after {result['process_seconds']} s, the time left" if
                                process.returncode in (-signal.SIGKILL,) else
                                " | ".join(tail(os.path.join(run_dir, "output.txt"), 3)))
         state.data["timings"][key] = result
@@ -491,12 +496,15 @@ def time_phase(settings, state, deadline, stopping):
 
 
 def _loop_seconds(log, warmup):
-    """Mean seconds per micro-batch between the training loop's own log rows (one per update with
-    ``--log-interval 1``) after ``warmup``: a check on the probe's clock; None without two rows."""
-    rows = [r for r in read_log_rows(log) if r[0] >= warmup]
-    if len(rows) < 2:
+    """Mean seconds per micro-batch by the training loop's own clock (its log rows' steps_per_sec,
+    one row per update with ``--log-interval 1``) after ``warmup``: a check on the probe's clock;
+    None without such a row."""
+    if not os.path.exists(log):
         return None
-    return (rows[-1][1] - rows[0][1]) / (rows[-1][0] - rows[0][0])
+    with open(log, newline="") as f:
+        rates = [float(row["steps_per_sec"]) for row in csv.DictReader(f)
+                 if int(row["step"]) > warmup and float(row.get("steps_per_sec") or 0) > 0]
+    return sum(1 / rate for rate in rates) / len(rates) if rates else None
 
 
 # --------------------------------------------------------------------------- outputs
@@ -516,8 +524,10 @@ def environment():
 def summary_markdown(data):
     """The summary as markdown: the comparison, the training speed and the timings."""
     lines = [f"# GPU check ({data['size']})", "",
-             f"Device: {data['environment']['device']}; torch {data['environment']['torch']}, "
-             f"CUDA {data['environment']['cuda']}. Commands: {len(data['commands'])}.", "",
+             f"Device: {data['environment'].get('device')}; torch {data['environment'].get('torch')}"
+             f" (CUDA build {data['environment'].get('cuda')}). Commands so far: "
+             f"{len(data['commands'])}, of " + ", ".join(f"{c.get('seconds', '?')} s"
+                                                         for c in data["commands"]) + ".", "",
              "## Training curves against the original's logs", "",
              "| run | micro-batches | window | this | original | ratio | verdict |",
              "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
@@ -536,16 +546,23 @@ def summary_markdown(data):
         rows = "; ".join(f"{a}-{b} {x:.5f} {y:.5f} {r:.3f}" for a, b, x, y, r in result["rows"])
         lines.append(f"- {name}: {rows}")
     lines += ["", "## Training runs", "", "| run | slices (from-reached, s, exit) | s per micro-batch "
-              "| start-up s | save s |", "| --- | --- | ---: | ---: | ---: |"]
+              "| start-up s | save s | still to train |", "| --- | --- | ---: | ---: | ---: | --- |"]
     for name, record in data["train"].items():
         slices = ", ".join(f"{s['from']}-{s['reached']} ({s['seconds']} s, {s['exit']})"
                            for s in record["slices"])
         number = (lambda x: "" if x is None else f"{x:.2f}")
+        left = record["target"] - record["done"]
+        if left and record["rate"] is not None:
+            # What one more command needs for the rest, with its start and save.
+            seconds = left * record["rate"] + (record["startup"] or 0) + (record["save"] or 0)
+            todo = f"{left} micro-batches, about {seconds:.0f} s"
+        else:
+            todo = f"{left} micro-batches" if left else "nothing"
         lines.append(f"| {name}{' (compiled)' if record['compile'] else ''} | {slices} | "
                      f"{number(record['rate'])} | {number(record['startup'])} | "
-                     f"{number(record['save'])} |")
+                     f"{number(record['save'])} | {todo} |")
     lines += ["", "## Seconds per published micro-batch (step_probe)", "",
-              "| dataset | mode | precision | s per micro-batch | vs eager fp32 | loop's log | "
+              "| dataset | mode | precision | s per micro-batch | speed vs eager fp32 | loop's clock | "
               "kernels busy (profiled step) | kernel s / step s | peak GiB | note |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for key, result in data["timings"].items():
