@@ -81,7 +81,7 @@ PRECISIONS = ("fp32", "bf16")
 
 # Guesses until this check has measured its own (all seconds): published / tiny.
 GUESSES = {
-    "published": dict(rate=3.5, startup=40, save=20, compile=180, warmup=2, steps=3, workers=2),
+    "published": dict(rate=3.5, startup=40, save=20, compile=90, warmup=2, steps=3, workers=2),
     "tiny": dict(rate=2.0, startup=15, save=3, compile=120, warmup=1, steps=1, workers=0),
 }
 FINAL_RESERVE = 25  # seconds kept at the end of a command for compare_log and the summary
