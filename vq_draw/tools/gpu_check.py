@@ -149,6 +149,13 @@ def say(message):
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def here(path):
+    """``path`` relative to the repository when inside it (commands run from there), so that the
+    recorded commands name no folder of one machine."""
+    relative = os.path.relpath(path, REPO)
+    return path if relative.startswith("..") else relative
+
+
 def child_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -233,8 +240,8 @@ class TrainJob:
 
     def command(self, stop_at):
         spec = self.spec
-        command = [sys.executable, os.path.join(REPO, spec["script"]),
-                   "--data-dir", os.path.join(self.settings.data, self.name), "--run-dir", self.run_dir,
+        command = [sys.executable, spec["script"], "--data-dir",
+                   here(os.path.join(self.settings.data, self.name)), "--run-dir", here(self.run_dir),
                    "--batch", str(spec["batch"]), "--step-interval", str(spec["step_interval"]),
                    "--stop-at", str(stop_at), "--save-interval", str(spec["micro_batches"]),
                    "--log-interval", str(spec["step_interval"]), "--eval-interval", "1000000",
@@ -459,11 +466,11 @@ def time_phase(settings, state, deadline, stopping):
         shutil.rmtree(run_dir, ignore_errors=True)
         os.makedirs(run_dir)
         result_path = os.path.join(run_dir, "probe.json")
-        command = [sys.executable, "-m", "vq_draw.tools.step_probe", "--json", result_path,
+        command = [sys.executable, "-m", "vq_draw.tools.step_probe", "--json", here(result_path),
                    "--warmup", str(guess["warmup"]), "--steps", str(guess["steps"])]
         command += [] if settings.profile else ["--no-profile"]
-        command += ["--", os.path.join(REPO, spec["script"]),
-                    "--data-dir", os.path.join(settings.data, name), "--run-dir", run_dir,
+        command += ["--", spec["script"], "--data-dir", here(os.path.join(settings.data, name)),
+                    "--run-dir", here(run_dir),
                     "--batch", str(spec["batch"]), "--step-interval", "1", "--stop-at",
                     str(steps + 2), "--log-interval", "1", "--save-interval", "1000000",
                     "--eval-interval", "1000000", "--workers", str(guess["workers"]), "--no-progress",
@@ -683,6 +690,9 @@ def pack_command(args):
 def copy_log_head(source, destination, micro_batches):
     """Copy the lines of an original's log up to its micro-batch ``micro_batches`` (``step N-1``)."""
     last = f"step {micro_batches - 1}:"
+    if not os.path.isfile(source):
+        raise ValueError(f"{source} is missing; --logs is the folder of the original's training "
+                         f"logs (cifar_log.txt, celeba_log.txt)")
     with open(source) as f, open(destination, "w") as out:
         for count, line in enumerate(f, 1):
             out.write(line)
