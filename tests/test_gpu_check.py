@@ -122,3 +122,33 @@ def test_kernel_busy_time_is_the_union_of_the_kernels_intervals():
     # Overlapping kernels (two streams) count once; a gap counts nothing.
     assert step_probe.busy_seconds([(0, 10), (5, 20), (30, 40), (32, 35)]) == pytest.approx(30e-6)
     assert step_probe.busy_seconds([]) == 0
+
+
+@pytest.mark.slow
+def test_a_run_past_the_budget_is_stopped_by_sigterm_saved_and_resumed(tmp_path):
+    """The budget, not --slice, ends the first command: SIGTERM in time, a checkpoint at an update
+    boundary, and the next command goes on from it (a long tiny run; 75 s here)."""
+    write_sources(tmp_path)
+    data, work = tmp_path / "packed", tmp_path / "work"
+    check("pack", "--tiny", "--datasets", "cifar10", "--data-dir", str(tmp_path / "data"), "--logs",
+          str(tmp_path / "logs"), "--out", str(data))
+    # 200 micro-batches: more than any CPU trains in the 80 s budget.
+    longer = ("import sys; from vq_draw.tools import gpu_check; "
+              "gpu_check.CHECKS['tiny']['cifar10'].update(micro_batches=200, window=(191, 200)); "
+              "gpu_check.main(sys.argv[1:])")
+    common = ["run", "--tiny", "--datasets", "cifar10", "--data", str(data), "--work", str(work),
+              "--out", str(tmp_path / "out"), "--phases", "train"]
+    for extra in (["--budget", "80"], ["--budget", "300", "--slice", "2"]):
+        done = subprocess.run([sys.executable, "-c", longer, *common, *extra], cwd=REPO,
+                              env=script_env(), capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        if extra[1] == "80":
+            state = json.loads((work / "state.json").read_text())
+            first = state["train"]["cifar10"]["slices"][0]
+            assert first["exit"] == 143 and 0 < first["reached"] < 200  # SIGTERM, then saved
+            assert first["seconds"] < 80 - gpu_check.FINAL_RESERVE + 10
+            assert (work / "cifar10" / "checkpoint.pt").exists()
+    assert f"resumed from {work / 'cifar10' / 'checkpoint.pt'} at step {first['reached']}" in \
+        (work / "cifar10.out").read_text()
+    steps = [row[0] for row in log_rows(work / "cifar10" / "log.csv")]
+    assert steps == list(range(1, first["reached"] + 3))

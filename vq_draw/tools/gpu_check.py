@@ -306,10 +306,12 @@ class TrainJob:
         if self.process is None:
             self.start(now, train_end)
             return not self.finished
-        self.measure()
+        rows = self.measure()
         if self.process.poll() is None:
             update = self.estimate("rate") * self.interval
-            if not self.term_sent and now + update + self.estimate("save") + TERM_MARGIN >= train_end:
+            saving = bool(rows) and rows[-1][0] >= self.slice["stop_at"]  # its last update is done
+            if not (self.term_sent or saving) and \
+                    now + update + self.estimate("save") + TERM_MARGIN >= train_end:
                 say(f"{self.name}: SIGTERM, so that it saves at the end of this update, before the "
                     f"budget ends")
                 self.process.send_signal(signal.SIGTERM)
