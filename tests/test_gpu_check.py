@@ -124,6 +124,27 @@ def test_kernel_busy_time_is_the_union_of_the_kernels_intervals():
     assert step_probe.busy_seconds([]) == 0
 
 
+def test_the_gpu_activity_is_told_apart_from_annotations_and_host_events():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, device=DeviceType.CUDA, activity=None, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, activity_type=activity,
+                               is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("void cudnn::conv_kernel", 0, 10, activity="kernel"),
+              event("Memcpy HtoD (Pageable -> Device)", 10, 12),
+              event("Memset (Device)", 12, 13, activity="gpu_memset"),
+              event("## forward ##", 0, 100, activity="gpu_user_annotation"),
+              event("ProfilerStep#1", 0, 100, annotation=True),
+              event("aten::conv2d", 0, 100, device=DeviceType.CPU),
+              event("ampere_sgemm", 20, 25)]  # an older torch: no activity type
+    found = step_probe.device_activity(events)
+    assert found == {"kernel": [(0, 10), (20, 25)], "memcpy": [(10, 12)], "memset": [(12, 13)]}
+
+
 @pytest.mark.slow
 def test_a_run_past_the_budget_is_stopped_by_sigterm_saved_and_resumed(tmp_path):
     """The budget, not --slice, ends the first command: SIGTERM in time, a checkpoint at an update
