@@ -358,10 +358,6 @@ class TrainJob:
             self.finished = True
         self.state.save()
 
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-
 
 def train_phase(settings, state, deadline, stopping):
     jobs = [TrainJob(name, spec, settings, state) for name, spec in settings.runs.items()]
@@ -373,7 +369,7 @@ def train_phase(settings, state, deadline, stopping):
     while waiting or running:
         now = time.time()
         if stopping.is_set():
-            train_end = hard_end = now  # SIGTERM to the check: every run saves and stops
+            train_end = now  # SIGTERM to the check: every run saves at its update's end and stops
         while waiting and (settings.parallel or not running):
             job = waiting.pop(0)
             if job.poll(now, train_end, hard_end):
@@ -450,7 +446,8 @@ def time_phase(settings, state, deadline, stopping):
     """``step_probe`` on each published micro-batch that fits in the budget left."""
     guess = settings.guess
     for key, name, mode, precision in timing_plan(settings):
-        if key in state.data["timings"]:
+        earlier = state.data["timings"].get(key)
+        if earlier and not earlier.get("out_of_time"):
             continue
         if stopping.is_set():
             return
@@ -460,6 +457,8 @@ def time_phase(settings, state, deadline, stopping):
         rate *= 1.5 if precision == "bf16" else 1.0  # slower than fp32 on the H200 before
         steps = guess["warmup"] + guess["steps"] + int(settings.profile)
         needed = guess["startup"] + steps * rate + (guess["compile"] if mode == "compile" else 0)
+        if earlier:  # stopped by the budget in an earlier command: give it more than it had
+            needed = max(needed, earlier["process_seconds"] + 30)
         left = deadline - FINAL_RESERVE - time.time()
         if needed > left:
             say(f"{key}: skipped for now (needs about {needed:.0f} s, {left:.0f} s left)")
@@ -493,15 +492,17 @@ def time_phase(settings, state, deadline, stopping):
             with open(result_path) as f:
                 result.update(json.load(f))
             result["loop_seconds"] = _loop_seconds(os.path.join(run_dir, "log.csv"), guess["warmup"])
-        else:
-            result["error"] = (f"stopped after {result['process_seconds']} s, the time left" if
-                               process.returncode in (-signal.SIGKILL,) else
-                               " | ".join(tail(os.path.join(run_dir, "output.txt"), 3)))
+        elif process.returncode == -signal.SIGKILL:
+            result.update(error=f"stopped after {result['process_seconds']} s, the time left",
+                          out_of_time=True)
+        if not result.get("out_of_time") and (result.get("error") or not os.path.exists(result_path)):
+            result["output"] = tail(os.path.join(run_dir, "output.txt"), 6)
+            result["error"] = (result.get("error") or " | ".join(result["output"][-2:]) or
+                               f"exit {process.returncode}")
         state.data["timings"][key] = result
         state.save()
-        for path in (os.path.join(run_dir, "checkpoint.pt"),):
-            if os.path.exists(path):
-                os.remove(path)
+        say(f"{key}: " + (f"error: {result['error']}" if result.get("error") else
+                          f"{result['seconds']:.3f} s per micro-batch"))
 
 
 def _loop_seconds(log, warmup):
