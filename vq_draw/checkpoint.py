@@ -11,12 +11,13 @@ exported one keeps only the weights, config and ``"trained_steps"``. Files are r
 import os
 import re
 import shutil
+import stat
 import warnings
 import zlib
 
 import torch
 
-from .config import create_model
+from .config import DATASETS, create_model, default_segment
 from .files import atomic_write
 from .refiners import REFINERS
 
@@ -73,6 +74,7 @@ def read_checkpoint(path, map_location="cpu", dataset=None):
     (``convert.convert_state_dict``; ``dataset`` names its dataset where the shapes do not).
     Raises ``CheckpointError`` with a one-line reason for anything else.
     """
+    _check_readable(path, map_location)
     try:
         with warnings.catch_warnings():
             # A foreign pickle also draws a warning about its protocol; the error says enough.
@@ -100,6 +102,28 @@ def read_checkpoint(path, map_location="cpu", dataset=None):
             not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} lacks a valid model config or weights")
     return ckpt
+
+
+def _check_readable(path, map_location):
+    """Raise ``CheckpointError`` for what ``torch.load`` would report as a damaged file or not
+    report at all: a path that is not a regular file (opening a named pipe blocks forever), and
+    a CUDA ``map_location`` on a machine without CUDA."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, TypeError, ValueError):
+        mode = None  # not a path (a file object, say), or missing: torch.load says which
+    if mode is not None and not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a folder, a named pipe "
+                              f"or a device); give the .pt file itself")
+    if isinstance(map_location, (str, torch.device)):
+        try:
+            device = torch.device(map_location)
+        except RuntimeError:
+            raise CheckpointError(f"cannot load {path} onto {map_location!r}: not a device torch "
+                                  f"knows (use cpu or cuda)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CheckpointError(f"cannot load {path} onto {map_location}: this machine has no "
+                                  f"CUDA device; use cpu")
 
 
 def _read_error(path, exc):
@@ -156,8 +180,68 @@ def checksum(ckpt):
     return f"crc32:{crc:08x}"
 
 
+def check_weights_fit_config(ckpt, path="checkpoint"):
+    """Raise ``CheckpointError`` unless the weights of a checkpoint dict have exactly the keys
+    and shapes of the model its config describes, found before the model is built: a small
+    file whose config asks for millions of stages would otherwise allocate gigabytes.
+
+    The config is first bounded by the file itself (every stage has rows of its own in the
+    channel masks, so S stages need at least S numbers, and every network has an output
+    scale), then the model is built on the meta device, which allocates nothing.
+    """
+    config = {k: v for k, v in ckpt["config"].items() if k not in RETIRED_KEYS}
+    weights = ckpt["model"]
+    bad = [k for k, v in weights.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{path}: its weights hold {bad[0]!r}, which is not a named tensor; "
+                              f"the file is damaged or was written by another program")
+    numbers = sum(v.numel() for v in weights.values())
+    stages, segment = config.get("stages"), config.get("segment")
+    if isinstance(stages, int) and stages > numbers:
+        raise CheckpointError(f"{path}: its config asks for {stages:,} stages but its weights hold "
+                              f"only {numbers:,} numbers (each stage has weights of its own); the "
+                              f"config does not belong to these weights")
+    networks = _networks(config)
+    held = max(1, weights["output_scale"].numel()) if "output_scale" in weights else None
+    if networks is not None and held is not None and networks > held:
+        raise CheckpointError(f"{path}: its config asks for {networks:,} refiner networks (stages "
+                              f"{stages}, segment {segment}) but its weights hold {held}; the "
+                              f"config does not belong to these weights")
+    try:
+        with torch.device("meta"):
+            expected = create_model(**config).state_dict()
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has an invalid model config: {exc}") from None
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+    shape = next((k for k in expected if k in weights and weights[k].shape != expected[k].shape), None)
+    if missing or extra or shape:
+        problem = (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}" if extra else
+                   f"{shape!r} is {list(weights[shape].shape)} where the config gives "
+                   f"{list(expected[shape].shape)}")
+        raise CheckpointError(f"{path}: weights do not match its config ({problem}); the file is "
+                              f"damaged or its config was changed")
+
+
+def _networks(config):
+    """The number of refiner networks a config describes (one output scale each), or None
+    where its stages or segment are not valid (``create_model`` then says why)."""
+    stages, segment = config.get("stages"), config.get("segment")
+    if config.get("dataset") not in DATASETS or isinstance(stages, bool) or not isinstance(stages, int) \
+            or stages < 1:
+        return None
+    segment = default_segment(config["dataset"], stages) if segment is None else segment
+    if segment is None:
+        return 1
+    if isinstance(segment, (list, tuple)):
+        return len(segment)
+    return -(-stages // segment) if isinstance(segment, int) and segment >= 1 else None
+
+
 def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild the model described by a validated checkpoint dict and load its weights."""
+    """Rebuild the model described by a validated checkpoint dict and load its weights
+    (checked against the config first, ``check_weights_fit_config``)."""
+    check_weights_fit_config(ckpt, path)
     config = {k: v for k, v in ckpt["config"].items() if k not in RETIRED_KEYS}
     try:
         model = create_model(**config)

@@ -5,20 +5,51 @@ drops the optimizer and RNG state and stores the weights in the file's own forma
 the steps it was trained for are kept for the record (``trained_steps``, which for
 a fine-tune (``--init-from``) include the ``prior_steps`` of its source). The work
 is ``checkpoint.export_checkpoint``; this module is its command line.
+
+The output may replace an earlier export, but never the checkpoint it reads nor any
+training state (which could then no longer resume): both are refused before anything is
+written.
 """
 
-import argparse
+import os
 import sys
 
+import torch
+
+from .arguments import Parser
 from .checkpoint import CheckpointError, SaveError, export_checkpoint
 
 
+def check_output(output, sources):
+    """Raise ``CheckpointError`` when writing ``output`` would replace one of ``sources`` (the
+    files being read) or a training checkpoint (one with an optimizer state or a step)."""
+    for source in sources:
+        try:
+            same = os.path.samefile(output, source)
+        except OSError:  # one of them does not exist
+            same = os.path.realpath(output) == os.path.realpath(source)
+        if same:
+            raise CheckpointError(f"the output {output} is the input {source}; it would be "
+                                  f"replaced by what is read from it; give another output")
+    if not os.path.isfile(output):
+        return
+    try:  # only the keys matter: map the file instead of reading its tensors
+        existing = torch.load(output, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return  # not a checkpoint that loads: nothing of a run is lost by replacing it
+    if isinstance(existing, dict) and ("optimizer" in existing or "step" in existing):
+        raise CheckpointError(f"{output} is a training checkpoint (step {existing.get('step', '?')}); "
+                              f"replacing it would end that run's resume; give another output")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m vq_draw.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a training checkpoint (or an exported model)")
-    parser.add_argument("output", help="where to write the weights-only file")
+    parser.add_argument("output", help="where to write the weights-only file (not a training "
+                                       "checkpoint, nor the input)")
     args = parser.parse_args(argv)
     try:
+        check_output(args.output, [args.checkpoint])
         model, state = export_checkpoint(args.checkpoint, args.output)
     except (CheckpointError, SaveError) as exc:
         sys.exit(f"error: {exc}")
