@@ -218,8 +218,9 @@ def test_named_pipes_are_refused_not_waited_on(tmp_path, model_file):
     ]
     for args, words in cases:
         result, _ = run(args, timeout=60)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 1 and len(lines) == 1 and words in lines[0], (args, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert len(errors) == 1 and words in errors[0], (args, result.stderr)
     train = load_dataset("mnist", "train", str(folder), skip_bad_images=True)
     assert len(train) == 10 and not train.skipped  # the test split holds the pipe
     test = load_dataset("mnist", "test", str(folder), skip_bad_images=True)
@@ -243,7 +244,7 @@ def test_shipped_models_carry_a_valid_checksum(name):
 
 # Final-stage MSE of the shipped models on the first 1,000 MNIST test digits, measured on the
 # files before they were re-exported with a checksum (the weights are the same bit for bit).
-SHIPPED_MSE_1000 = {"mnist_model.pt": None, "mnist_model_finetuned_3net.pt": None}
+SHIPPED_MSE_1000 = {"mnist_model.pt": 0.07631586456298828, "mnist_model_finetuned_3net.pt": 0.06711330032348632}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_MSE_1000))
@@ -335,7 +336,7 @@ def test_bad_npz_is_one_line_in_every_command(tmp_path, make, model_file, capsys
         load_dataset("mnist", "train", path)
     assert time.time() - start < 30 and "\n" not in str(info.value)
     if make is _lying_npz:
-        assert "claims 1000000000 x 28 x 28 uint8 (730.4 GiB)" in str(info.value)
+        assert "claims 1000000000 x 28 x 28 uint8 (730.2 GiB)" in str(info.value)
     assert path in fails(lambda: evaluate.main([model_file, "--data-dir", path, "--device", "cpu"]))
     assert path in fails(lambda: grad_scale.main(["mnist", "--data-dir", path, "--stages", "2"]))
     # Training, as a user runs it.
@@ -446,6 +447,7 @@ def test_cli_never_overwrites_an_input_and_asks_before_replacing(tmp_path, model
     image = open(tmp_path / "digit0.png", "rb").read()
     assert "digit0.png exists" in fails(lambda: main(decode + [str(tmp_path / "digit0.png")]))
     assert open(tmp_path / "digit0.png", "rb").read() == image
+    assert "digit0.png exists" in fails(lambda: main(decode + [str(tmp_path)]))  # the folder
     main(decode + [str(tmp_path / "digit0-decoded.png")])
     # An output that is an input: refused even with --force (an image read from a .vqd name).
     disguised = tmp_path / "in" / "x.vqd"

@@ -184,10 +184,12 @@ def run_decode(args):
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise CliError(f"-o {args.output} is a file; give a folder, or OUT.png for one image")
         stems = _unique_names([path for path, *_ in files], args.output, "")
-    targets = [args.output] if stems == [None] else \
-        [_png_name(stem, i, header.count) for (_, header, *_), stem in zip(files, stems)
-         for i in range(header.count)]
-    _check_targets(targets, [*args.files, args.model], args.force)
+    if stems == [None]:
+        _check_targets([args.output], [*args.files, args.model], args.force)
+    else:
+        _check_folder_targets(args.output, [(stem, header.count) for (_, header, *_), stem
+                                            in zip(files, stems)], [*args.files, args.model],
+                              args.force)
     for path, *_ in files:
         with codec.open_file(path) as reader:
             reader.verify()
@@ -354,6 +356,30 @@ def _check_targets(targets, inputs, force):
                                f"choose another -o")
         if os.path.lexists(target) and not force:
             raise CliError(f"{target} exists; choose another -o, or pass --force to replace it")
+
+
+def _check_folder_targets(folder, stems, inputs, force):
+    """``_check_targets`` for decode's STEM.png / STEM-INDEX.png names in ``folder``
+    (``stems``: (folder/STEM, image count) pairs), from one listing of the folder: a header
+    may claim 10^8 images, whose names are not made one by one."""
+    if not os.path.isdir(folder):
+        return  # nothing in it yet, and no input inside it
+    wanted = {os.path.basename(stem): count for stem, count in stems}
+
+    def written(name):
+        """Whether decode writes folder/name."""
+        stem, ext = os.path.splitext(name)
+        if ext != ".png":
+            return False
+        if wanted.get(stem) == 1:
+            return True
+        stem, _, index = stem.rpartition("-")
+        count = wanted.get(stem, 1)
+        return count > 1 and index.isdigit() and len(index) == len(str(count - 1)) and \
+            int(index) < count
+
+    existing = [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if written(name)]
+    _check_targets(existing, inputs, force)
 
 
 def _make_parent(path):
