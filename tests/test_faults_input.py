@@ -244,7 +244,8 @@ def test_shipped_models_carry_a_valid_checksum(name):
 
 # Final-stage MSE of the shipped models on the first 1,000 MNIST test digits, measured on the
 # files before they were re-exported with a checksum (the weights are the same bit for bit).
-SHIPPED_MSE_1000 = {"mnist_model.pt": 0.07631586456298828, "mnist_model_finetuned_3net.pt": 0.06711330032348632}
+SHIPPED_MSE_1000 = {"mnist_model.pt": 0.07631586456298828,
+                    "mnist_model_finetuned_3net.pt": 0.06711330032348632}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_MSE_1000))
@@ -384,7 +385,7 @@ def test_cuda_on_a_machine_without_it_says_so(model_file, capsys):
     from vq_draw import evaluate
 
     message = fails(lambda: evaluate.main([model_file, "--device", "cuda"]))
-    assert "no CUDA device" in message and "corrupt" not in message
+    assert "no CUDA GPU is available on this machine" in message and "corrupt" not in message
     with pytest.raises(CheckpointError, match="this machine has no CUDA device") as info:
         vq_draw.load_model(model_file, map_location="cuda")
     assert "corrupt" not in str(info.value)
@@ -399,7 +400,7 @@ def test_profile_step_rejects_bad_flags_at_parse_time(tmp_path):
     cases = [(["--batch", "0"], "positive integer"), (["--batch", "-4"], "positive integer"),
              (["--stages", "0"], "positive integer"), (["--threads", "-2"], "positive integer"),
              (["--stages", "2", "--segment", "5"], "more than the 2 stages"),
-             (["--device", "foo"], "not a device torch knows"),
+             (["--device", "foo"], "unknown device 'foo'"),
              (["--json", str(tmp_path / "no" / "p.json")], "does not exist")]
     for flags, words in cases:  # each fails before a model is built (its output would show)
         message = fails(lambda: profile_step.main(["cifar10", "--stages", "2", *flags]))

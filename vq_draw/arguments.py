@@ -47,19 +47,13 @@ def positive_int(text):
 
 
 def device(text):
-    """argparse type: a device torch knows and this machine has (a CUDA device needs CUDA)."""
-    import torch
+    """argparse type: a device this machine has (``train.check_device``, as training checks it)."""
+    from .train import check_device
 
     try:
-        parsed = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device torch knows (cpu, cuda, "
-                                         f"cuda:1, ...)") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device; use cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
-                                         f"CUDA device(s)")
+        check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -112,9 +112,9 @@ class ImageFileDataset(Dataset):
 # 28 x 28,000,000 intermediate (gigabytes) before anything could be said.
 MAX_ASPECT_RATIO = 100
 # Pillow's modes of more than 8 bits per sample, and the value that is white in each: 16-bit
-# files ("I;16", PNG and TIFF); 32-bit integer files ("I", see _white); floats ("F"), read as
-# [0, 1]. Converting these to "L" would clip them (a 16-bit digit saturates, a float image in
-# [0, 1] comes out black), so they are scaled to [0, 1] instead.
+# files ("I;16", PNG and TIFF) and floats ("F", read as [0, 1]); 32-bit integers ("I") are
+# decided by their values (``_scaled_to_float``). Converting these to "L" would clip them (a
+# 16-bit digit saturates, a float image in [0, 1] comes out black), so they are scaled instead.
 HIGH_DEPTH_WHITE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F": 1.0}
 
 

@@ -148,7 +148,8 @@ def main(argv=None):
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="only the first N images (N >= 1; default: all of them)")
     parser.add_argument("--batch", type=positive_int, default=500)
-    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true",
                         help="encode under bfloat16 autocast (choices on float32 losses): faster on "
                              "CPUs with AMX or AVX-512 BF16 and on recent GPUs, slightly different codes")

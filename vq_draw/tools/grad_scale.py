@@ -57,8 +57,9 @@ def adam_step_table(magnitudes, scales, eps=ADAM_EPS):
 
 
 def main(argv=None):
-    parser = Parser(prog="python -m vq_draw.tools.grad_scale", description="The gradient of a published model against Adam's "
-                                                 "eps, summed or averaged over micro-batches.")
+    parser = Parser(prog="python -m vq_draw.tools.grad_scale",
+                    description="The gradient of a published model against Adam's "
+                                "eps, summed or averaged over micro-batches.")
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--data-dir", default=None,
                         help="training images (default: uniform noise); nothing is downloaded")
