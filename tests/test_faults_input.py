@@ -254,9 +254,11 @@ def test_shipped_models_keep_their_error(name):
     from vq_draw.evaluate import evaluate
 
     path = os.path.join(REPO, "pretrained", name)
-    if not os.path.exists(path) or not os.path.isdir(os.path.join(SHARED_DATA, "MNIST")):
-        pytest.skip(f"pretrained/{name} or ../shared/data/MNIST is absent")
-    images = fixed_images(load_dataset("mnist", "test", SHARED_DATA, download=False), 1000)
+    roots = [root for root in (os.environ.get("VQ_DRAW_DATA"), SHARED_DATA)
+             if root and os.path.isdir(os.path.join(root, "MNIST"))]
+    if not os.path.exists(path) or not roots:
+        pytest.skip(f"pretrained/{name} or MNIST ($VQ_DRAW_DATA or ../shared/data) is absent")
+    images = fixed_images(load_dataset("mnist", "test", roots[0], download=False), 1000)
     result = evaluate(vq_draw.load_model(path), images, 500)
     assert result["final_mse"] == pytest.approx(SHIPPED_MSE_1000[name], abs=1e-7)
 
