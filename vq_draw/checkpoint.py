@@ -211,7 +211,7 @@ def check_weights_fit_config(ckpt, path="checkpoint"):
     try:
         with torch.device("meta"):
             skeleton = create_model(**config)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError) as exc:  # KeyError: an unknown loss
         raise CheckpointError(f"{path} has an invalid model config: {exc}") from None
     try:  # the model's own loading rules (older layouts included), on shapes alone
         skeleton.load_state_dict(weights, assign=True)
