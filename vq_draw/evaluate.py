@@ -1,7 +1,9 @@
 """Held-out evaluation: distortion after every stage and code usage.
 
-``python -m vq_draw.evaluate CHECKPOINT [--data-dir DIR] [--json OUT]`` prints a
-table for the whole test set and writes JSON.
+``python -m vq_draw.evaluate CHECKPOINT [--data-dir DIR] [--limit N] [--json OUT]`` prints a
+table for the whole test set (or its first N >= 1 images; ``--limit 0`` is an error, not "all")
+and writes JSON. Flags and the ``--json`` path are checked before the model is even loaded, so
+that a mistake never costs an evaluation.
 """
 
 import json
