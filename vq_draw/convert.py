@@ -96,7 +96,7 @@ def original_settings(state, dataset=None, name="checkpoint"):
         if key in state and not math.isfinite(float(state[key])):
             raise CheckpointError(f"{name}: '{key}' is {float(state[key])}, not a number it can run "
                                   f"with; the file is damaged")
-    if "_stages" in state and (float(state["_stages"]) != int(state["_stages"]) or int(state["_stages"]) < 1):
+    if "_stages" in state and not (float(state["_stages"]).is_integer() and float(state["_stages"]) >= 1):
         raise CheckpointError(f"{name}: '_stages' is {float(state['_stages']):g}, not a positive "
                               f"whole number of stages; the file is damaged")
     stages = int(state["_stages"]) if "_stages" in state else rows * len(networks)

@@ -72,7 +72,7 @@ def step_seconds(dataset, precision="fp32", steps=3, stages=None, segment=None, 
 
 def main(argv=None):
     parser = Parser(description="Seconds per training micro-batch (fp32, bf16) "
-                                                 "and a profile of one step.")
+                                "and a profile of one step.")
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per precision")
