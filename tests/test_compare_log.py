@@ -53,3 +53,27 @@ def test_the_command_passes_within_the_tolerance_and_fails_outside(tmp_path, cap
     with pytest.raises(SystemExit) as bad:
         compare_log.main([run, run, "--window", "1", "4"])
     assert "no 'step N: train=...' lines" in str(bad.value.code)
+
+
+def test_bad_logs_and_flags_are_one_line(tmp_path, capsys):
+    """Issue 30: each of these used to end in a traceback."""
+    run, original = write_logs(tmp_path, [0.055] * 32, [0.05] * 32)
+
+    def message(*args):
+        with pytest.raises(SystemExit) as failed:
+            compare_log.main(list(args))
+        text = str(failed.value.code) if isinstance(failed.value.code, str) else capsys.readouterr().err
+        assert text.startswith("error: ") and "\n" not in text.strip(), text
+        return text
+
+    no_step = tmp_path / "no_step.csv"
+    no_step.write_text("final_loss,test_mse\n0.1,\n")
+    assert "has no 'step' column" in message(str(no_step), original, "--window", "1", "4")
+    assert "FIRST must not exceed LAST" in message(run, original, "--window", "3", "2")
+    assert "covers micro-batches 1-32" in message(run, original, "--window", "17", "40")
+    assert "positive integer" in message(run, original, "--window", "0", "4")
+    nan_log = tmp_path / "nan.txt"
+    nan_log.write_text(open(original).read().replace("step 5: train=0.050000", "step 5: train=nan"))
+    assert "line 7 of" in message(run, str(nan_log), "--window", "1", "4")
+    plot = str(tmp_path / "missing" / "c.png")
+    assert "does not exist" in message(run, original, "--window", "17", "32", "--plot", plot)

@@ -346,3 +346,48 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path):
     assert result.returncode != 0 and not os.path.exists(out)
     assert result.stderr.strip().count("\n") == 0
     assert "missing refiner.layers.0.weight, refiner.layers.1.embeddings" in result.stderr
+
+
+def test_damaged_state_dicts_are_one_line_errors(tmp_path, capsys):
+    """An int key or a NaN '_stages' (issue 30): one line from convert and from load_model."""
+    from vq_draw import convert
+
+    int_key = original_state_dict("mnist", 4, 3)
+    int_key[3] = torch.zeros(1)
+    nan = original_state_dict("mnist", 4, 3)
+    nan["_stages"] = torch.tensor(float("nan"))
+    half = original_state_dict("mnist", 4, 3)
+    half["_stages"] = torch.tensor(2.5)
+    for name, state, words in [("int.pt", int_key, "has the key 3 (int)"),
+                               ("nan.pt", nan, "'_stages' is nan"),
+                               ("half.pt", half, "'_stages' is 2.5, not a positive whole number")]:
+        assert words in _error(state)
+        path = str(tmp_path / name)
+        torch.save(state, path)
+        with pytest.raises(CheckpointError) as info:
+            load_model(path)
+        assert words in str(info.value)
+        with pytest.raises(SystemExit) as failed:
+            convert.main([path, str(tmp_path / "out.pt")])
+        assert words in str(failed.value.code) and "\n" not in str(failed.value.code)
+    assert not os.path.exists(tmp_path / "out.pt")
+
+
+class _Sneaky:
+    """An object whose unpickling would call print (as a hostile file would call os.system)."""
+
+    def __reduce__(self):
+        return print, ("this ran",)
+
+
+def test_a_pickle_that_would_run_code_is_not_loaded_for_safety(tmp_path):
+    from vq_draw import convert
+
+    path = str(tmp_path / "sneaky.pt")
+    torch.save({"bias": _Sneaky()}, path)
+    with pytest.raises(SystemExit) as failed:
+        convert.main([path, str(tmp_path / "out.pt")])
+    message = str(failed.value.code)
+    assert "not loaded, for safety" in message and "\n" not in message
+    assert "weights_only" not in message and "Re-running" not in message
+    assert not os.path.exists(tmp_path / "out.pt")

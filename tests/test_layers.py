@@ -15,7 +15,8 @@ import pytest
 import vq_draw
 
 LAYERS = [
-    ("basics", ["files", "data", "images", "losses", "nn", "reference", "settings", "signals"]),
+    ("basics", ["files", "devices", "arguments", "data", "images", "losses", "nn", "reference",
+                "settings", "signals"]),
     ("model", ["refiners", "encoder", "config"]),
     ("model files", ["codec", "rate_distortion", "checkpoint", "convert", "loading", "export",
                      "evaluate"]),

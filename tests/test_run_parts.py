@@ -11,7 +11,8 @@ import torch
 
 from vq_draw import train_log
 from vq_draw.checkpoint import CheckpointError, save_checkpoint
-from vq_draw.distributed import Processes, check_device, evaluate_shared
+from vq_draw.devices import check_device
+from vq_draw.distributed import Processes, evaluate_shared
 from vq_draw.evaluate import evaluate
 from vq_draw.run_folder import RunDirError, RunFolder
 from vq_draw.settings import RECIPE, TrainSettings

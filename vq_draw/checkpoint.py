@@ -13,12 +13,13 @@ implementation's state dicts, through vq_draw/convert.py.
 import os
 import re
 import shutil
+import stat
 import warnings
 import zlib
 
 import torch
 
-from .config import create_model
+from .config import DATASETS, create_model, default_segment
 from .files import atomic_write
 from .refiners import REFINERS
 
@@ -77,7 +78,8 @@ def read_checkpoint(path, map_location="cpu"):
 
 def load_file(path, map_location="cpu"):
     """What ``torch.load`` (``weights_only``) reads from ``path``; ``CheckpointError`` (one line)
-    for a missing, truncated, foreign or unsafe file."""
+    for a missing, truncated, foreign or unsafe file, or one that is not a regular file."""
+    _check_readable(path, map_location)
     try:
         with warnings.catch_warnings():
             # A foreign pickle also draws a warning about its protocol; the error says enough.
@@ -107,6 +109,28 @@ def validate_checkpoint(ckpt, path="checkpoint"):
             not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} lacks a valid model config or weights")
     return ckpt
+
+
+def _check_readable(path, map_location):
+    """Raise ``CheckpointError`` for what ``torch.load`` would report as a damaged file or not
+    report at all: a path that is not a regular file (opening a named pipe blocks forever), and
+    a CUDA ``map_location`` on a machine without CUDA."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, TypeError, ValueError):
+        mode = None  # not a path (a file object, say), or missing: torch.load says which
+    if mode is not None and not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a folder, a named pipe "
+                              f"or a device); give the .pt file itself")
+    if isinstance(map_location, (str, torch.device)):
+        try:
+            device = torch.device(map_location)
+        except RuntimeError:
+            raise CheckpointError(f"cannot load {path} onto {map_location!r}: not a device torch "
+                                  f"knows (use cpu or cuda)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CheckpointError(f"cannot load {path} onto {map_location}: this machine has no "
+                                  f"CUDA device; use cpu")
 
 
 def _read_error(path, exc):
@@ -163,8 +187,67 @@ def checksum(ckpt):
     return f"crc32:{crc:08x}"
 
 
+def check_weights_fit_config(ckpt, path="checkpoint"):
+    """Raise ``CheckpointError`` unless the weights of a checkpoint dict have exactly the keys
+    and shapes of the model its config describes, found before the model is built: a small
+    file whose config asks for millions of stages would otherwise allocate gigabytes.
+
+    The config is first bounded by the file itself (every stage has rows of its own in the
+    channel masks, so S stages need at least S numbers, and every refiner network has keys of
+    its own), then the model is built on the meta device, which allocates nothing, and the
+    weights are loaded into it by the model's own rules (shapes only).
+    """
+    config = {k: v for k, v in ckpt["config"].items() if k not in RETIRED_KEYS}
+    weights = ckpt["model"]
+    bad = [k for k, v in weights.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{path}: its weights hold {bad[0]!r}, which is not a named tensor; "
+                              f"the file is damaged or was written by another program")
+    numbers = sum(v.numel() for v in weights.values())
+    stages, segment = config.get("stages"), config.get("segment")
+    if isinstance(stages, int) and stages > numbers:
+        raise CheckpointError(f"{path}: its config asks for {stages:,} stages but its weights hold "
+                              f"only {numbers:,} numbers (each stage has weights of its own); the "
+                              f"config does not belong to these weights")
+    networks = _networks(config)
+    held = len({k.split(".")[2] for k in weights if k.startswith("refiner.refiners.")}) or 1
+    if networks is not None and networks > held:
+        raise CheckpointError(f"{path}: its config asks for {networks:,} refiner networks (stages "
+                              f"{stages}, segment {segment}) but its weights hold {held}; the "
+                              f"config does not belong to these weights")
+    try:
+        with torch.device("meta"):
+            skeleton = create_model(**config)
+    except (TypeError, ValueError, KeyError) as exc:  # KeyError: an unknown loss
+        raise CheckpointError(f"{path} has an invalid model config: {exc}") from None
+    try:  # the model's own loading rules (older layouts included), on shapes alone
+        skeleton.load_state_dict(weights, assign=True)
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{path}: weights do not match its config "
+                              f"({(lines or [type(exc).__name__])[0][:200]}); the file is damaged "
+                              f"or its config was changed") from None
+
+
+def _networks(config):
+    """The number of refiner networks a config describes, or None
+    where its stages or segment are not valid (``create_model`` then says why)."""
+    stages, segment = config.get("stages"), config.get("segment")
+    if config.get("dataset") not in DATASETS or isinstance(stages, bool) or not isinstance(stages, int) \
+            or stages < 1:
+        return None
+    segment = default_segment(config["dataset"], stages) if segment is None else segment
+    if segment is None:
+        return 1
+    if isinstance(segment, (list, tuple)):
+        return len(segment)
+    return -(-stages // segment) if isinstance(segment, int) and segment >= 1 else None
+
+
 def model_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild the model described by a validated checkpoint dict and load its weights."""
+    """Rebuild the model described by a validated checkpoint dict and load its weights
+    (checked against the config first, ``check_weights_fit_config``)."""
+    check_weights_fit_config(ckpt, path)
     config = {k: v for k, v in ckpt["config"].items() if k not in RETIRED_KEYS}
     try:
         model = create_model(**config)
@@ -223,6 +306,28 @@ def _tensor_bytes(value):
     if isinstance(value, (list, tuple)):
         return sum(_tensor_bytes(v) for v in value)
     return 0
+
+
+def check_model_output(output, sources):
+    """Raise ``CheckpointError`` when writing ``output`` would replace one of ``sources`` (the
+    files being read) or a training checkpoint (one with an optimizer state or a step)."""
+    for source in sources:
+        try:
+            same = os.path.samefile(output, source)
+        except OSError:  # one of them does not exist
+            same = os.path.realpath(output) == os.path.realpath(source)
+        if same:
+            raise CheckpointError(f"the output {output} is the input {source}; it would be "
+                                  f"replaced by what is read from it; give another output")
+    if not os.path.isfile(output):
+        return
+    try:  # only the keys matter: map the file instead of reading its tensors
+        existing = torch.load(output, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return  # not a checkpoint that loads: nothing of a run is lost by replacing it
+    if isinstance(existing, dict) and ("optimizer" in existing or "step" in existing):
+        raise CheckpointError(f"{output} is a training checkpoint (step {existing.get('step', '?')}); "
+                              f"replacing it would end that run's resume; give another output")
 
 
 def export_model(model, path):

@@ -1,38 +1,36 @@
 """The ``vq-draw`` command line (also ``python -m vq_draw``).
 
-    vq-draw encode IMAGE... -m CKPT -o OUT [--stages N] [--beam B]
-    vq-draw decode FILE.vqd... -m CKPT -o OUT [--stages N] [--progressive]
+    vq-draw encode IMAGE... -m CKPT -o OUT [--stages N] [--beam B] [--force]
+    vq-draw decode FILE.vqd... -m CKPT -o OUT [--stages N] [--progressive] [--force]
     vq-draw info FILE.vqd... [-m CKPT]
     vq-draw rd -m CKPT [--data-dir DIR] [--limit N] [-o PREFIX] [--beam B,B,... [--beam-stages N,...]]
+               [--force]
 
 ``encode`` writes one .vqd file per image into the folder OUT, or, when OUT ends
 in ``.vqd``, one file holding all the images in the order given. ``decode``
 writes OUT itself when OUT ends in ``.png`` and the files hold one image in all;
 otherwise OUT is a folder receiving ``STEM.png`` for a one-image file and
 ``STEM-INDEX.png`` for each image of a batch file. ``rd`` charts rate against
-distortion on a test set, beside JPEG and WebP. Every failure is one line
-``error: ...`` on stderr and a non-zero exit status.
+distortion on a test set, beside JPEG and WebP. No command writes over a file that
+exists unless given ``--force``, nor ever over one of its own inputs (both are checked
+before any work). Every failure is one line ``error: ...`` on stderr and a non-zero
+exit status.
 """
 
-import argparse
 import os
 import sys
 
 import torch
 
 from . import codec
+from .arguments import Parser as _Parser
+from .arguments import one_line as _one_line
+from .arguments import positive_int as _positive
 from .codec import CodecError
 
 
 class CliError(RuntimeError):
     """A usage problem found after parsing (paths, counts)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line, like every other error."""
-
-    def error(self, message):
-        sys.exit(f"error: {message} (see '{self.prog} --help')")
 
 
 def main(argv=None):
@@ -54,6 +52,10 @@ def build_parser():
     parser = _Parser(prog="vq-draw", description="Compress images with a VQ-DRAW model.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    def force_arg(p):
+        p.add_argument("--force", action="store_true",
+                       help="replace output files that exist (never one of the command's inputs)")
+
     def model_args(p, required=True):
         p.add_argument("-m", "--model", required=required, metavar="CKPT",
                        help="model file (exported weights or a training checkpoint)")
@@ -68,6 +70,7 @@ def build_parser():
     p.add_argument("--stages", type=_positive, default=None, help="stages to store (default all)")
     p.add_argument("--beam", type=_positive, default=1,
                    help="partial codes kept per stage (1 = greedy, as in the paper)")
+    force_arg(p)
     p.set_defaults(run=run_encode)
 
     p = sub.add_parser("decode", help=".vqd files -> PNG images")
@@ -79,6 +82,7 @@ def build_parser():
                    help="decode only the first N stages (default: all the file holds)")
     p.add_argument("--progressive", action="store_true",
                    help="write every stage's reconstruction side by side")
+    force_arg(p)
     p.set_defaults(run=run_decode)
 
     p = sub.add_parser("info", help="print the header of .vqd files")
@@ -101,6 +105,7 @@ def build_parser():
                    help="stage counts to beam-encode (default all; each is a separate search)")
     p.add_argument("--title", default=None, help="plot title")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    force_arg(p)
     p.set_defaults(run=run_rd)
     return parser
 
@@ -119,6 +124,7 @@ def run_encode(args):
             raise CliError(f"-o {args.output} is a file; give a folder, or a name ending in "
                            f"{codec.SUFFIX} for one file holding all images")
         targets = _unique_names(args.images, args.output, codec.SUFFIX)
+    _check_targets(targets, [*args.images, args.model], args.force)
     images = torch.stack([_read_image(path, model.shape) for path in args.images])
     codes = encode_images(model, images, stages, args.beam, args.batch_size)
     _make_parent(targets[0])
@@ -178,6 +184,12 @@ def run_decode(args):
         if os.path.exists(args.output) and not os.path.isdir(args.output):
             raise CliError(f"-o {args.output} is a file; give a folder, or OUT.png for one image")
         stems = _unique_names([path for path, *_ in files], args.output, "")
+    if stems == [None]:
+        _check_targets([args.output], [*args.files, args.model], args.force)
+    else:
+        _check_folder_targets(args.output, [(stem, header.count) for (_, header, *_), stem
+                                            in zip(files, stems)], [*args.files, args.model],
+                              args.force)
     for path, *_ in files:
         with codec.open_file(path) as reader:
             reader.verify()
@@ -274,6 +286,7 @@ def run_rd(args):
     from .data import fixed_images, load_dataset
     from .rate_distortion import format_table, plot, rate_distortion, write_csv
 
+    _check_targets([args.output + ".csv", args.output + ".png"], [args.model], args.force)
     model = _load_model(args.model, args.device)
     dataset = model.config.get("dataset")
     if dataset is None:
@@ -319,11 +332,54 @@ def _unique_names(paths, folder, suffix):
         stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0] or "image"
         name = os.path.join(folder, stem + suffix)
         if name in seen:
-            raise CliError(f"{seen[name]} and {path} would both write {name}{suffix or '*.png'}; "
-                           f"rename one or run them separately")
+            written = name if suffix else name + "*.png"
+            raise CliError(f"{seen[name]} and {path} would both write {written}; rename one or "
+                           f"run them separately")
         seen[name] = path
         names.append(name)
     return names
+
+
+def _check_targets(targets, inputs, force):
+    """Refuse, before any work, to write over one of the command's inputs (ever) or over a file
+    that exists (unless ``force``)."""
+    def same(a, b):
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # one does not exist (yet)
+            return os.path.realpath(a) == os.path.realpath(b)
+
+    for target in targets:
+        for source in inputs:
+            if same(target, source):
+                raise CliError(f"the output {target} is also an input of this command ({source}); "
+                               f"choose another -o")
+        if os.path.lexists(target) and not force:
+            raise CliError(f"{target} exists; choose another -o, or pass --force to replace it")
+
+
+def _check_folder_targets(folder, stems, inputs, force):
+    """``_check_targets`` for decode's STEM.png / STEM-INDEX.png names in ``folder``
+    (``stems``: (folder/STEM, image count) pairs), from one listing of the folder: a header
+    may claim 10^8 images, whose names are not made one by one."""
+    if not os.path.isdir(folder):
+        return  # nothing in it yet, and no input inside it
+    wanted = {os.path.basename(stem): count for stem, count in stems}
+
+    def written(name):
+        """Whether decode writes folder/name."""
+        stem, ext = os.path.splitext(name)
+        if ext != ".png":
+            return False
+        if wanted.get(stem) == 1:
+            return True
+        stem, _, index = stem.rpartition("-")
+        count = wanted.get(stem, 1)
+        return count > 1 and index.isdigit() and len(index) == len(str(count - 1)) and \
+            int(index) < count
+
+    existing = [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if written(name)]
+    _check_targets(existing, inputs, force)
 
 
 def _make_parent(path):
@@ -335,25 +391,8 @@ def _make_parent(path):
             raise CliError(f"cannot create folder {parent}: {exc.strerror or exc}") from None
 
 
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _stage_list(text):
     return [_positive(part) for part in text.split(",") if part.strip()]
-
-
-def _one_line(exc):
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, OSError) and exc.strerror and getattr(exc, "filename", None):
-        text = f"{exc.filename}: {exc.strerror}"
-    return " ".join(text.split())[:500]
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ import io
 import json
 import math
 import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -375,9 +376,16 @@ def open_file(path):
     """
     name = os.fspath(path)
     try:
-        file = open(path, "rb")
+        # Non-blocking, so that a named pipe is refused instead of waiting for a writer.
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise CodecError(f"cannot read {name}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CodecError(f"cannot read {name}: it is not a regular file (a named pipe, a folder "
+                         f"or a device); give a .vqd file")
+    os.set_blocking(fd, True)
+    file = os.fdopen(fd, "rb")
     try:
         return Reader(file, name)
     except BaseException:

@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, SaveError,
-                         model_from_checkpoint, save_checkpoint)
+                         _check_readable, _read_error, check_model_output, model_from_checkpoint,
+                         save_checkpoint)
 from .config import DATASETS, create_model
 from .nn import MaskedConv, OptionConv, ResidualBlock
 
@@ -61,6 +62,10 @@ def original_settings(state, dataset=None, name="checkpoint"):
 
     :return: dict(dataset, options, stages, segment, grad_decay).
     """
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"{name} has the key {odd!r} ({type(odd).__name__}), where a state "
+                              f"dict of the original names every tensor; it is damaged or not one")
     bias = state["bias"]
     if bias.dim() != 4:
         raise CheckpointError(f"{name}: the original's stage-0 'bias' should be [K x C x H x W], "
@@ -89,6 +94,12 @@ def original_settings(state, dataset=None, name="checkpoint"):
         if key in state and state[key].numel() != 1:
             raise CheckpointError(f"{name}: '{key}' should be a single number, got shape "
                                   f"{list(state[key].shape)}")
+        if key in state and not math.isfinite(float(state[key])):
+            raise CheckpointError(f"{name}: '{key}' is {float(state[key])}, not a number it can run "
+                                  f"with; the file is damaged")
+    if "_stages" in state and not (float(state["_stages"]).is_integer() and float(state["_stages"]) >= 1):
+        raise CheckpointError(f"{name}: '_stages' is {float(state['_stages']):g}, not a positive "
+                              f"whole number of stages; the file is damaged")
     stages = int(state["_stages"]) if "_stages" in state else rows * len(networks)
     segmented = networks[0] != "refiner."
     if not segmented and rows != stages:
@@ -181,13 +192,14 @@ def convert_file(original, output, dataset=None):
 
 def read_original(path):
     """Load an original state dict (``weights_only``, onto the CPU), or raise CheckpointError."""
+    _check_readable(path, "cpu")  # a named pipe would block torch.load
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
     except Exception as exc:  # truncated, foreign or unsafe: torch raises many types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read {path} as a PyTorch state dict ({reason[:200]})") from None
+        # load_model's wording, which says when a pickle was refused for safety.
+        raise _read_error(path, exc) from None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is already a checkpoint of this project; load it with load_model")
     if not is_original_state_dict(state):
@@ -318,6 +330,7 @@ def main(argv=None):
                         help="the dataset, where the shapes leave it open")
     args = parser.parse_args(argv)
     try:
+        check_model_output(args.output, [args.original])  # the same refusals as an export's
         model, ckpt = convert_file(args.original, args.output, args.dataset)
     except (CheckpointError, SaveError) as exc:
         sys.exit(f"error: {exc}")

@@ -13,7 +13,9 @@ normalizes them itself (``model.normalize``). Where to look is decided by ``data
 
 import glob
 import os
+import shutil
 import socket
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -104,22 +106,81 @@ class ImageFileDataset(Dataset):
         return ImageFileDataset(keep, self.shape, self.skipped + bad)
 
 
+# The most elongated image read, long side : short side. Resizing the short side to the model's
+# makes the long side this many times the model's size before the crop keeps 1/ratio of it;
+# beyond it the crop is a sliver of the image, and a 1 x 1,000,000 PNG would become a
+# 28 x 28,000,000 intermediate (gigabytes) before anything could be said.
+MAX_ASPECT_RATIO = 100
+# Pillow's modes of more than 8 bits per sample, and the value that is white in each: 16-bit
+# files ("I;16", PNG and TIFF) and floats ("F", read as [0, 1]); 32-bit integers ("I") are
+# decided by their values (``_scaled_to_float``). Converting these to "L" would clip them (a
+# 16-bit digit saturates, a float image in [0, 1] comes out black), so they are scaled instead.
+HIGH_DEPTH_WHITE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "F": 1.0}
+
+
 def load_image(path, shape):
-    """Read one image file as a float tensor [C x H x W] in [0, 1] of the given shape."""
+    """Read one image file as a float tensor [C x H x W] in [0, 1] of the given shape.
+
+    Images of more than 8 bits per sample are scaled by their mode's range (``HIGH_DEPTH_WHITE``),
+    not clipped. Refused with ``ImageReadError``: anything but a regular file (a named pipe would
+    block ``open`` forever), and images more elongated than ``MAX_ASPECT_RATIO`` (before any
+    pixel is decoded).
+    """
     from PIL import Image
     import torchvision.transforms.functional as TF
 
     try:
+        _check_regular_file(path, "image")
         with Image.open(path) as img:
-            img = img.convert("L" if shape[0] == 1 else "RGB")
+            width, height = img.size
+            if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise ImageReadError(
+                    f"cannot read image {path}: {width} x {height} pixels is more elongated than "
+                    f"{MAX_ASPECT_RATIO}:1, and only a sliver of it would remain after the center "
+                    f"crop; crop it nearer to the model's {shape[2]} x {shape[1]} first")
+            if img.mode in HIGH_DEPTH_WHITE or img.mode == "I":
+                img = _scaled_to_float(img)  # mode "F" in [0, 1], which resize keeps
+            else:
+                img = img.convert("L" if shape[0] == 1 else "RGB")
             img = TF.resize(img, min(shape[1:]))
             img = TF.center_crop(img, list(shape[1:]))
-            return TF.to_tensor(img)
-    except MemoryError:
+            pixels = TF.to_tensor(img)
+            return pixels.expand(shape[0], -1, -1).contiguous() if img.mode == "F" else pixels
+    except (MemoryError, ImageReadError):
         raise
     except Exception as exc:  # Pillow raises several types (OSError, SyntaxError, ValueError, ...)
         text = " ".join(str(exc).split()) or type(exc).__name__
         raise ImageReadError(f"cannot read image {path}: {text}") from None
+
+
+def _scaled_to_float(img):
+    """A high-bit-depth single-channel image as mode "F" with values in [0, 1].
+
+    "I" (32-bit integers) is how Pillow holds 16-bit samples of several formats as well as
+    true 32-bit ones, and the mode does not say which: values up to 65535 are taken as 16-bit,
+    larger ones as 32-bit unsigned.
+    """
+    from PIL import Image
+
+    values = np.asarray(img, dtype=np.float64)
+    white = HIGH_DEPTH_WHITE.get(img.mode)
+    if white is None:
+        white = 65535 if values.size == 0 or values.max() <= 65535 else 2 ** 32 - 1
+    values = np.nan_to_num(values / white, nan=0.0).clip(0, 1)
+    return Image.fromarray(values.astype(np.float32))  # float32: mode "F"
+
+
+def _check_regular_file(path, what, error=ImageReadError):
+    """Raise ``error`` unless ``path`` is a regular file (or a link to one): opening a
+    named pipe blocks until something writes to it, and a device or folder is no ``what``."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else \
+            "a device or socket"
+        raise error(f"cannot read {what} {path}: it is {kind}, not a regular file")
 
 
 def load_dataset(name, split="train", data_dir=None, download=True, shape=None,
@@ -178,14 +239,21 @@ def _find(name, split, data_dir, download, shape):
 
 
 def _load_npz(path, shape):
+    _check_regular_file(path, "array file", DataError)
     try:
         with np.load(path) as archive:
+            if "images" not in archive.files:
+                raise DataError(f"{path} has no 'images' array (expected uint8 N x H x W x C)")
+            keys = ["images"] + ["labels"] * ("labels" in archive.files)
+            for key in keys:
+                _check_npz_member(archive, key)
             images = archive["images"]
-            labels = archive["labels"] if "labels" in archive.files else None
-    except KeyError:
-        raise DataError(f"{path} has no 'images' array (expected uint8 N x H x W x C)") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+            labels = archive["labels"] if "labels" in keys else None
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile, zlib and numpy raise many types for a cut or foreign file
+        raise DataError(f"cannot read {path}: it is truncated, corrupt or not an .npz archive "
+                        f"({_reason(exc, 200)})") from None
     if images.ndim == 3:
         images = images[..., None]
     expected = (shape[1], shape[2], shape[0])
@@ -194,6 +262,25 @@ def _load_npz(path, shape):
                         f", got {images.dtype} {images.shape}")
     labels = None if labels is None else torch.as_tensor(labels).long()
     return ArrayDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
+
+
+def _check_npz_member(archive, key):
+    """Raise ``ValueError`` when the header of array ``key`` in an open .npz claims more bytes
+    than the archive holds for it, before numpy allocates them (a damaged or hostile header
+    can claim hundreds of GiB)."""
+    info = archive.zip.getinfo(key + ".npy")
+    with archive.zip.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        array_shape, _, dtype = read_header(member)
+        header_size = member.tell()
+    claimed = int(np.prod(array_shape, dtype=object)) * dtype.itemsize
+    if claimed > info.file_size - header_size:
+        raise ValueError(
+            f"its '{key}' array claims {' x '.join(map(str, array_shape)) or 'a scalar'} {dtype} "
+            f"({claimed / 2 ** 30:,.1f} GiB) but the archive holds "
+            f"{max(0, info.file_size - header_size):,} bytes for it")
 
 
 def _image_folder(name, root):
@@ -232,16 +319,52 @@ def _torchvision(name, split, root, download, shape):
     try:
         if name == "svhn" and os.path.isfile(os.path.join(root, f"{split}_32x32.mat")):
             return _load_svhn_mat(os.path.join(root, f"{split}_32x32.mat"))
-        with _socket_timeout(DOWNLOAD_TIMEOUT):
+        with _socket_timeout(DOWNLOAD_TIMEOUT), _removed_on_failure(root):
             return _torchvision_dataset(tvd, name, split, root, download, shape)
     except DataError:
         raise
     except Exception as exc:
         what = "could not be downloaded" if download else "is missing (download disabled)"
         raise DataError(f"{name} {split} data not found in {os.path.abspath(root)} and {what} "
-                        f"({_reason(exc)}); put {TORCHVISION_LAYOUT[name]} there, or pass "
-                        f"--data-dir with a torchvision root, a folder of images or an .npz "
-                        f"file") from None
+                        f"({_reason(exc)}); put {TORCHVISION_LAYOUT[name]} there, or point to a "
+                        f"torchvision root, a folder of images or an .npz file with --data-dir "
+                        f"(in Python: the data_dir argument; the notebooks read "
+                        f"$VQ_DRAW_DATA)") from None
+
+
+@contextmanager
+def _removed_on_failure(root, depth=2):
+    """Remove what a failing block created under ``root`` (down to ``depth`` levels: a download
+    makes ``MNIST/raw/``), never what existed before: a failed download leaves no empty or
+    partial folders behind."""
+    def entries():
+        found, level = {root} if os.path.lexists(root) else set(), [root]
+        for _ in range(depth):
+            deeper = []
+            for folder in level:
+                if os.path.isdir(folder) and not os.path.islink(folder):
+                    try:
+                        deeper += [os.path.join(folder, e) for e in os.listdir(folder)]
+                    except OSError:
+                        pass
+            found.update(deeper)
+            level = deeper
+        return found
+
+    before = entries()
+    try:
+        yield
+    except BaseException:
+        # Shallowest first: removing a new folder removes what the attempt put inside it.
+        for path in sorted(entries() - before, key=lambda p: p.count(os.sep)):
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+            except OSError:
+                pass  # a cleanup that fails must not hide the reason the block failed
+        raise
 
 
 def _reason(exc, limit=240):

@@ -1,10 +1,11 @@
 """Held-out evaluation: distortion after every stage and code usage.
 
-``python -m vq_draw.evaluate CHECKPOINT [--data-dir DIR] [--json OUT]`` prints a
-table for the whole test set and writes JSON.
+``python -m vq_draw.evaluate CHECKPOINT [--data-dir DIR] [--limit N] [--json OUT]`` prints a
+table for the whole test set (or its first N >= 1 images; ``--limit 0`` is an error, not "all")
+and writes JSON. Flags and the ``--json`` path are checked before the model is even loaded, so
+that a mistake never costs an evaluation.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -138,41 +139,51 @@ ORIGINAL_MNIST_MSE = [0.405, 0.280, 0.217, 0.170, 0.140, 0.122, 0.098, 0.089, 0.
 
 
 def main(argv=None):
+    from .arguments import Parser, check_output, device, fail, positive_int
     from .checkpoint import CheckpointError
+    from .data import DataError, fixed_images, load_dataset
     from .loading import load_model
-    from .data import DataError, load_dataset
 
-    parser = argparse.ArgumentParser(description="Evaluate a VQ-DRAW checkpoint on a test set.")
+    parser = Parser(prog="python -m vq_draw.evaluate", description="Evaluate a VQ-DRAW checkpoint on a test set.")
     parser.add_argument("checkpoint")
     parser.add_argument("--data-dir", default=None, help="torchvision root, image folder or .npz")
     parser.add_argument("--split", default="test", choices=["train", "test"])
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
-    parser.add_argument("--batch", type=int, default=500)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="only the first N images (N >= 1; default: all of them)")
+    parser.add_argument("--batch", type=positive_int, default=500)
+    parser.add_argument("--device", type=device,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true",
                         help="encode under bfloat16 autocast (choices on float32 losses): faster on "
                              "CPUs with AMX or AVX-512 BF16 and on recent GPUs, slightly different codes")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
     try:
+        if args.json:  # checked first: the result would be lost after the whole evaluation
+            check_output(args.json, "--json")
         model = load_model(args.checkpoint, map_location=args.device)
         data = load_dataset(model.config["dataset"], args.split, args.data_dir, shape=model.shape)
+        if args.limit:
+            data = fixed_images(data, args.limit)
+        start = time.time()
+        result = evaluate(model, data, args.batch, args.device, progress=True, bf16=args.bf16)
     except (CheckpointError, DataError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
-    if args.limit:
-        from .data import fixed_images
-        data = fixed_images(data, args.limit)
-    start = time.time()
-    result = evaluate(model, data, args.batch, args.device, progress=True, bf16=args.bf16)
+        fail(exc)
     result["options"] = model.options
     reference = ORIGINAL_MNIST_MSE if model.config["dataset"] == "mnist" and \
         model.num_stages == len(ORIGINAL_MNIST_MSE) else None
     seconds = time.time() - start
     if args.json:  # before printing, so a closed stdout (`| head`) does not lose the result
+        from .files import atomic_write
+
         out = {k: v for k, v in result.items() if k != "codes"}
         out.update(checkpoint=args.checkpoint, config=model.config, split=args.split, bf16=args.bf16)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        try:
+            atomic_write(args.json, lambda f: f.write(json.dumps(out, indent=2).encode()))
+        except OSError as exc:
+            print(json.dumps(out))  # the result, not lost, where the file could not hold it
+            fail(f"cannot write --json {args.json}: {exc.strerror or exc}; the result is printed "
+                 f"above instead")
     print(f"{args.checkpoint}: {result['count']} {args.split} images, "
           f"{seconds:.1f} s{', bf16 autocast' if args.bf16 else ''}")
     print(format_table(result, reference))

@@ -27,7 +27,8 @@ import torch
 from . import train_state
 from .checkpoint import CheckpointError, SaveError, save_checkpoint
 from .data import ArrayDataset, BatchSampler, fixed_images, iterate_batches
-from .distributed import Processes, check_device, compile_refiners, evaluate_shared
+from .devices import check_device
+from .distributed import Processes, compile_refiners, evaluate_shared
 from .evaluate import format_table
 from .run_folder import ImageWriteError, RunDirError, RunFolder
 from .settings import ACCUMULATE, ADAM_BETAS, ADAM_EPS, TrainSettings, check_settings, learning_rate

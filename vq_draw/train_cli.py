@@ -16,7 +16,7 @@ import torch
 from .checkpoint import CheckpointError, SaveError
 from .config import DATASETS, create_model
 from .data import DataError, ImageReadError, load_dataset, skipped_images_note
-from .distributed import check_device
+from .devices import check_device
 from .run_folder import RunDirError
 from .settings import ACCUMULATE, TrainSettings
 from .signals import Interrupted, StoppedAtOnce

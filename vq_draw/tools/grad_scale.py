@@ -16,12 +16,11 @@ gradient taken once (what an average of the update's micro-batches is, at most) 
 elements below eps and the mean first-step update relative to the learning rate.
 """
 
-import argparse
-import sys
 import time
 
 import torch
 
+from ..arguments import Parser, fail, positive_int
 from ..config import DATASETS, create_model
 from ..data import DataError, load_dataset
 from ..train import ADAM_EPS
@@ -38,6 +37,9 @@ def gradient_magnitudes(dataset, data_dir=None, stages=None, segment=None, batch
         images = torch.rand(batch, *model.shape, generator=torch.Generator().manual_seed(seed))
     else:
         train = load_dataset(dataset, "train", data_dir, download=False, shape=model.shape)
+        if len(train) < batch:
+            raise DataError(f"--batch {batch} is more than the {len(train)} training images of "
+                            f"{data_dir}; use at most {len(train)}")
         items = [train[i] for i in range(batch)]
         images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items])
     model(model.normalize(images))["loss"].backward()
@@ -55,14 +57,16 @@ def adam_step_table(magnitudes, scales, eps=ADAM_EPS):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="The gradient of a published model against Adam's "
-                                                 "eps, summed or averaged over micro-batches.")
+    parser = Parser(prog="python -m vq_draw.tools.grad_scale",
+                    description="The gradient of a published model against Adam's "
+                                "eps, summed or averaged over micro-batches.")
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--data-dir", default=None,
                         help="training images (default: uniform noise); nothing is downloaded")
-    parser.add_argument("--stages", type=int, default=None)
-    parser.add_argument("--segment", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None, help="default: the published micro-batch")
+    parser.add_argument("--stages", type=positive_int, default=None)
+    parser.add_argument("--segment", type=positive_int, default=None)
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="default: the published micro-batch")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     interval = DATASETS[args.dataset]["train"]["step_interval"]
@@ -70,8 +74,8 @@ def main(argv=None):
     try:
         magnitudes = gradient_magnitudes(args.dataset, args.data_dir, args.stages, args.segment,
                                          args.batch, args.seed)
-    except DataError as exc:
-        sys.exit(f"error: {exc}")
+    except (DataError, ValueError) as exc:  # ValueError: settings create_model refuses
+        fail(exc)
     source = "uniform noise" if args.data_dir is None else "training images"
     print(f"{args.dataset}: gradient of one micro-batch of {source}, {len(magnitudes):,} elements, "
           f"{time.time() - start:.0f} s; Adam eps {ADAM_EPS:g}")

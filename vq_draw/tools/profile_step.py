@@ -17,13 +17,13 @@ once per distinct first choice), so estimate a longer run from the difference of
 counts, not by scaling one.
 """
 
-import argparse
 import json
 import sys
 from contextlib import nullcontext
 
 import torch
 
+from ..arguments import Parser, check_output, device, positive_int
 from ..config import DATASETS
 from .bench import build_models, describe_device, make_optimizer, timed, train_step
 
@@ -71,27 +71,34 @@ def step_seconds(dataset, precision="fp32", steps=3, stages=None, segment=None, 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Seconds per training micro-batch (fp32, bf16) "
-                                                 "and a profile of one step.")
+    parser = Parser(description="Seconds per training micro-batch (fp32, bf16) "
+                                "and a profile of one step.")
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per precision")
-    parser.add_argument("--stages", type=int, default=None, help="default: the published number")
-    parser.add_argument("--segment", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per precision")
+    parser.add_argument("--stages", type=positive_int, default=None, help="default: the published number")
+    parser.add_argument("--segment", type=positive_int, default=None,
                         help="stages per network (default: the published value, or --stages)")
-    parser.add_argument("--batch", type=int, default=None, help="default: the published micro-batch")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="default: the published micro-batch")
     parser.add_argument("--profile", action="store_true",
                         help="print the top operators of one more step, per precision")
-    parser.add_argument("--rows", type=int, default=20, help="operators in the --profile table")
+    parser.add_argument("--rows", type=positive_int, default=20, help="operators in the --profile table")
     parser.add_argument("--by-shape", action="store_true",
                         help="--profile per operator and input shape (which layer)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+    stages = args.stages or DATASETS[args.dataset]["stages"]
+    if args.segment is not None and args.segment > stages:
+        parser.error(f"--segment {args.segment} is more than the {stages} stages; use 1 to {stages}")
+    if args.json:
+        try:
+            check_output(args.json, "--json")  # before the timing, not after it
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             sys.exit("error: --device cuda but no CUDA GPU is available; use --device cpu")
