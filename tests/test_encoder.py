@@ -173,6 +173,25 @@ def test_epsilon_explores_only_while_training():
     assert torch.equal(codes, greedy)
 
 
+def test_exploration_draws_randint_then_rand_as_the_original():
+    """Under epsilon the original draws the random option (randint) and then whether to
+    explore (rand) at each stage; one seed must explore the same way here."""
+    model = tiny_model("mnist", stages=4, epsilon=0.5).train()
+    x = random_images(model, 16)
+    torch.manual_seed(3)
+    codes, _, losses = model.run(x)
+    torch.manual_seed(3)
+    expected = []
+    for stage in range(model.num_stages):
+        random = torch.randint(0, model.options, (16,))
+        explore = torch.rand(16) < 0.5
+        expected.append(torch.where(explore, random, losses[:, stage].argmin(1)))
+    expected = torch.stack(expected, 1)
+    assert torch.equal(codes, expected)
+    # Both kinds of choice happen, so the order of the draws is what the check sees.
+    assert (codes != losses.argmin(2)).any() and (codes == losses.argmin(2)).any()
+
+
 def test_sample_decodes_random_codes():
     model = tiny_model("mnist").eval()
     a = model.sample(5, generator=torch.Generator().manual_seed(0))

@@ -223,8 +223,10 @@ class VQDraw(nn.Module):
         training a random one."""
         choices = losses.argmin(1)
         if self.training and self.epsilon > 0:
-            explore = torch.rand(choices.shape, device=choices.device) < self.epsilon
+            # The original's order of draws (randint, then rand), so that one seed explores
+            # the same way in both.
             random = torch.randint(0, self.options, choices.shape, device=choices.device)
+            explore = torch.rand(choices.shape, device=choices.device) < self.epsilon
             choices = torch.where(explore, random, choices)
         return choices
 
