@@ -53,13 +53,17 @@ def test_code_usage_extremes():
     assert entropy[1].item() == pytest.approx(math.log(4), abs=1e-6)
 
 
+@pytest.mark.parametrize("fold_all_stages", [False, True])
 @pytest.mark.parametrize("dataset, stages, segment", [("mnist", 4, None), ("cifar10", 2, 1)])
-def test_checkpointed_and_plain_gradients_agree(dataset, stages, segment, monkeypatch):
+def test_checkpointed_and_plain_gradients_agree(dataset, stages, segment, fold_all_stages,
+                                                monkeypatch):
     import vq_draw.encoder as encoder
 
     plain = tiny_model(dataset, stages=stages, segment=segment)
     checkpointed = tiny_model(dataset, stages=stages, segment=segment, grad_checkpoint=True)
     checkpointed.load_state_dict(plain.state_dict())
+    plan = encoder.StepPlan(fold_all_stages=fold_all_stages, distinct_stage1=not fold_all_stages)
+    plain.step_plan = checkpointed.step_plan = plan
     x = random_images(plain, 2, seed=3)
 
     calls = []
@@ -89,8 +93,10 @@ def test_checkpointed_and_plain_gradients_agree(dataset, stages, segment, monkey
     assert grads > 10  # gradients reached most of the network, so the comparison means something
 
 
+@pytest.mark.parametrize("fold_all_stages", [False, True])
 @pytest.mark.parametrize("dataset, stages, segment", [("mnist", 4, None), ("cifar10", 4, 2)])
-def test_the_recomputation_replays_the_first_passs_choices(dataset, stages, segment):
+def test_the_recomputation_replays_the_first_passs_choices(dataset, stages, segment,
+                                                           fold_all_stages):
     """On a GPU a recomputed stage can rank two nearly equal options the other way (its
     kernels are not bit-reproducible; on an H200 that changed the number of distinct first
     choices and the backward pass failed). The recomputation must not choose again."""
@@ -107,6 +113,7 @@ def test_the_recomputation_replays_the_first_passs_choices(dataset, stages, segm
         return best if len(calls) <= stages else (best + 1) % losses.shape[1]
 
     checkpointed._choose = choose_otherwise_when_recomputed
+    plain.step_plan = checkpointed.step_plan = vq_draw.encoder.StepPlan(fold_all_stages, True)
     terms_plain = plain.training_losses(x)
     terms_plain["loss"].backward()
     terms_ckpt = checkpointed.training_losses(x)
