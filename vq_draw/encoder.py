@@ -279,7 +279,7 @@ class VQDraw(nn.Module):
         codes, losses = [], []
         with stage_weights(folds or {}):
             for i, stage in enumerate(range(start, stop)):
-                if self._compiled_stage is not None and stage > 0:
+                if self._compiled_stage is not None and stage > 0 and torch.is_grad_enabled():
                     recon, choices, stage_losses = self._run_compiled_stage(
                         recon, target, stage, made[i] if replay else None)
                 else:
@@ -304,12 +304,16 @@ class VQDraw(nn.Module):
         once, whatever the stage; stage 0 (the refiner on one image) stays eager. The choices
         of the exploration (epsilon) are drawn outside the graph, in the eager order, so one
         seed gives the same codes as eager training. Checkpointing replays the first pass's
-        choices through the same graph. Encoding and decoding stay eager.
+        choices through the same graph. Without gradients (evaluation), encoding and decoding
+        the stages run eagerly.
 
         :param options: passed to ``torch.compile`` (e.g. ``backend``, ``mode``).
         :return: self.
         """
         self.step_plan = StepPlan(fold_all_stages=False, distinct_stage1=False)
+        # NCHW: the compiler picks layouts itself, and eager convolutions (oneDNN) may return
+        # another layout than the one traced, which breaks the graph's views.
+        self.channels_last = False
         self._compiled_stage = torch.compile(self._stage_body, fullgraph=True, **options)
         return self
 

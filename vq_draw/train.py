@@ -83,18 +83,9 @@ def check_device(device):
 
 
 def compile_refiners(model):
-    """``torch.compile`` the ``features`` and ``options`` of every refiner network of ``model``.
-
-    Only the networks are compiled (per segment, so that the stage index becomes a dynamic
-    integer after the first recompile); the staged loop and the choices stay eager, and the
-    modules, parameters and state_dict keys are unchanged.
-    """
-    from .nn import Refiner
-    for module in model.modules():
-        if isinstance(module, Refiner):
-            module.features = torch.compile(module.features)
-            module.options = torch.compile(module.options)
-    return model
+    """``--compile``: compile each training stage of ``model`` (``VQDraw.compile_step``: one
+    graph per network, no graph breaks); the modules and state_dict keys are unchanged."""
+    return model.compile_step()
 
 
 # The original's Adam settings; the published learning rate is TrainLoop's lr.

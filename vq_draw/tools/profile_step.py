@@ -146,10 +146,13 @@ def format_counts(dataset, counts, top=0, plan="cuda"):
 
 
 def step_seconds(dataset, precision="fp32", steps=3, stages=None, segment=None, batch=None,
-                 device="cpu", profile_rows=0, seed=0, channels_last=True, by_shape=False):
+                 device="cpu", profile_rows=0, seed=0, channels_last=True, by_shape=False,
+                 compile=False):
     """Mean seconds of a training step of ``dataset``'s published model (or ``stages``,
     ``segment``), and, when ``profile_rows`` > 0, the profiler's table of its top operators
-    (per input shape with ``by_shape``, which tells the layers apart).
+    (per input shape with ``by_shape``, which tells the layers apart). With ``compile`` the
+    stages run compiled (``VQDraw.compile_step``, as ``--compile`` trains); the warm-up step
+    compiles them.
 
     :return: dict with seconds (the mean), times (each step's), batch, stages, segment, table.
     """
@@ -157,6 +160,8 @@ def step_seconds(dataset, precision="fp32", steps=3, stages=None, segment=None, 
     model, _ = build_models(dataset, stages=stages, segment=segment, device=device, seed=seed,
                             channels_last=channels_last, which=("optimized",))
     model.train()
+    if compile:
+        model.compile_step()
     batch = batch or recipe["batch"]
     optimizer = make_optimizer(model)
     generator = torch.Generator().manual_seed(seed)
@@ -203,6 +208,8 @@ def main(argv=None):
     parser.add_argument("--by-shape", action="store_true",
                         help="--profile per operator and input shape (which layer)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the compiled step (as train_*.py --compile; NCHW)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -239,7 +246,8 @@ def main(argv=None):
     for precision in args.precision:
         result = step_seconds(args.dataset, precision, args.steps, args.stages, args.segment, args.batch,
                               args.device, args.rows if args.profile else 0,
-                              channels_last=args.channels_last, by_shape=args.by_shape)
+                              channels_last=args.channels_last, by_shape=args.by_shape,
+                              compile=args.compile)
         print(f"{precision}: {result['seconds']:.3f} s per micro-batch of {result['batch']} "
               f"({result['stages']} stages, segment {result['segment']}; mean of {args.steps}: "
               + ", ".join(f"{t:.3f}" for t in result["times"]) + ")", flush=True)
