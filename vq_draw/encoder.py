@@ -30,7 +30,9 @@ class StepPlan:
 
     :param fold_all_stages: fold every stage's channel masks into the weights once per
         micro-batch (``nn.fold_all_stages``) instead of at every stage: far fewer kernels (on
-        a GPU, launches), at the memory of one copy of the masked weights per stage.
+        a GPU, launches), at the memory of one copy of the masked weights per stage, held
+        through the backward pass (also under checkpointing: folding per chunk would be
+        recomputed, and its gradient would fill the other stages' rows with zeros).
     :param distinct_stage1: run stage 1's refiner once per distinct first choice, which
         needs ``torch.unique`` (on a GPU a wait for the device, and a batch size that changes
         with the data); otherwise on all rows, a fixed shape.
