@@ -51,5 +51,20 @@ def test_count_by_phase_with_checkpointing():
 def test_launches_within_budget_of_the_original(dataset, batch):
     """At most 0.9x the original's kernels per micro-batch on issue 32's setups (10 stages;
     CIFAR-10 and CelebA in one network with checkpointing)."""
-    total = step_total(count_ops(dataset, batch=batch))
+    counts = count_ops(dataset, batch=batch)
+    total = step_total(counts)
     assert total <= 0.9 * ORIGINAL_OPS[dataset], (total, ORIGINAL_OPS[dataset])
+    # Nothing waits for the device: no value read back, no shape that depends on the data.
+    for phase in ("forward", "recomputation", "backward"):
+        for sync in ("_local_scalar_dense", "_unique2", "unique_dim", "nonzero", "item"):
+            assert counts[phase][sync] == 0, (phase, sync)
+
+
+def test_count_ops_command_prints_the_phases(capsys, tmp_path):
+    profile_step.main(["mnist", "--count-ops", "--stages", "2", "--batch", "2", "--top", "3",
+                       "--json", str(tmp_path / "counts.json")])
+    out = capsys.readouterr().out
+    for phase in profile_step.PHASES:
+        assert phase in out
+    assert "original 1,265" in out
+    assert (tmp_path / "counts.json").exists()

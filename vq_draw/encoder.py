@@ -36,16 +36,20 @@ class StepPlan:
     :param distinct_stage1: run stage 1's refiner once per distinct first choice, which
         needs ``torch.unique`` (on a GPU a wait for the device, and a batch size that changes
         with the data); otherwise on all rows, a fixed shape.
+    :param check_finite: check the images for NaN and infinite values at every step (on a
+        GPU a wait for the device); otherwise a non-finite image gives a non-finite loss,
+        which the training loop stops on at its next log.
     """
     fold_all_stages: bool = False
     distinct_stage1: bool = True
+    check_finite: bool = True
 
     @classmethod
     def for_device(cls, device):
         """The CPU's fastest plan there (fold per stage, distinct inputs), and elsewhere the
         one with the fewest kernel launches and no host synchronization."""
         cpu = torch.device(device).type == "cpu"
-        return cls(fold_all_stages=not cpu, distinct_stage1=cpu)
+        return cls(fold_all_stages=not cpu, distinct_stage1=cpu, check_finite=cpu)
 
 
 class VQDraw(nn.Module):
@@ -248,6 +252,10 @@ class VQDraw(nn.Module):
                                                       choose or self._choose)
         return self._next(recon, delta, stage, choices), choices, losses
 
+    def _plan(self, device):
+        """The ``StepPlan`` of training steps on ``device``."""
+        return self.step_plan or StepPlan.for_device(device)
+
     def _choose(self, losses):
         """Losses [N x K] -> choices [N]: the best option, or with probability ``epsilon`` while
         training a random one."""
@@ -312,11 +320,12 @@ class VQDraw(nn.Module):
         :param options: passed to ``torch.compile`` (e.g. ``backend``, ``mode``).
         :return: self.
         """
-        self.step_plan = StepPlan(fold_all_stages=False, distinct_stage1=False)
+        self.step_plan = StepPlan(fold_all_stages=False, distinct_stage1=False, check_finite=False)
         # NCHW: the compiler picks layouts itself, and eager convolutions (oneDNN) may return
         # another layout than the one traced, which breaks the graph's views.
         self.channels_last = False
         self._compiled_stage = torch.compile(self._stage_body, fullgraph=True, **options)
+        self._stage_indices = {}  # (local stage, device) -> 0-dim long tensor
         return self
 
     def _network(self, stage):
@@ -343,8 +352,13 @@ class VQDraw(nn.Module):
             forced = torch.where(explore, random, -1)
         else:
             forced = torch.full((n,), -1, dtype=torch.long, device=device)
-        local = torch.tensor(local, device=device)
-        return self._compiled_stage(network, recon, target, local, self.scale(stage), forced)
+        # The stage index as a tensor made once per device: copying it from the host at every
+        # stage would wait for the GPU.
+        key = (local, device)
+        if key not in self._stage_indices:
+            self._stage_indices[key] = torch.tensor(local, device=device)
+        return self._compiled_stage(network, recon, target, self._stage_indices[key],
+                                    self.scale(stage), forced)
 
     def _stage_body(self, network, recon, target, stage, scale, forced):
         """One stage after the first, for compiling: the same values as ``_train_stage``.
@@ -372,8 +386,10 @@ class VQDraw(nn.Module):
         :param x: [N x *shape] normalized images.
         :return: (codes [N x S] long, final reconstruction [N x *shape], losses [N x S x K]).
         """
-        self._check_images(x, finite=None)
-        plan = self.step_plan or StepPlan.for_device(x.device)
+        self._check_images(x, finite=False)
+        plan = self._plan(x.device)
+        if plan.check_finite:
+            self._check_finite(x)
         folds = fold_all_stages(self.refiner, self.channels_last) if plan.fold_all_stages else None
         recon = torch.zeros_like(x)
         codes, losses = [], []
@@ -592,9 +608,7 @@ class VQDraw(nn.Module):
 
     def _check_images(self, x, finite=True):
         """Shape and type checks (on the host); with ``finite`` also a check of the values,
-        which on a GPU waits for the device. The training step (``finite`` None) checks values
-        only on the CPU: elsewhere a NaN or infinite image gives a non-finite loss, which the
-        training loop stops on at its next log."""
+        which on a GPU waits for the device (the training step: ``StepPlan.check_finite``)."""
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"expected a float tensor of images [N x {' x '.join(map(str, self.shape))}]"
                             f", got {type(x).__name__} {getattr(x, 'dtype', '')}")
@@ -604,9 +618,11 @@ class VQDraw(nn.Module):
                              f"{self.shape[1]}x{self.shape[2]} images")
         if len(x) == 0:
             raise ValueError("expected at least one image, got an empty batch")
-        if finite is None:
-            finite = x.device.type == "cpu"
-        if finite and not torch.isfinite(x).all():
+        if finite:
+            self._check_finite(x)
+
+    def _check_finite(self, x):
+        if not torch.isfinite(x).all():
             raise ValueError("images contain NaN or infinite values")
 
     def _check_num_stages(self, num_stages):

@@ -20,7 +20,8 @@ counts, not by scaling one.
 aten operator that reaches a kernel (views and bare allocations excluded; on a GPU each is a
 launch), by phase: forward, recomputation (gradient checkpointing), backward and the optimizer.
 It runs on the CPU, since the count does not depend on the device, for the setups of issue 32
-(batch 8; MNIST published; CIFAR-10 and CelebA with 10 stages in one network and checkpointing).
+(batch 8; MNIST published; CIFAR-10 and CelebA with 10 stages in one network and checkpointing),
+and counts the step as a GPU runs it (``--plan cuda``, the default) or as the CPU does.
 """
 
 import argparse
