@@ -86,3 +86,48 @@ def test_compiled_step_has_no_host_synchronization():
     with torch.no_grad():
         model(x)
     assert graphs_compiled() == 1
+
+
+def _ddp_worker(rank, port, out_dir):
+    """One of two processes: the compiled step under DistributedDataParallel, on its half of
+    the batch."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = compile_fresh(tiny_model("svhn", **CASES["svhn"]).double().train())
+    x = random_images(model, 4, seed=6).double()[2 * rank:2 * rank + 2]
+    ddp = DistributedDataParallel(model)  # held: its hooks average the gradients
+    ddp(x)["loss"].backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out_dir}/grads.pt")
+        torch.save(dict(counters["stats"]), f"{out_dir}/stats.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_compiled_step_under_ddp_averages_the_processes_gradients(tmp_path):
+    """Two processes, each the compiled step on half the batch: DDP's averaged gradients are
+    eager training's gradients of the mean of the two halves' losses."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    grads = torch.load(tmp_path / "grads.pt")
+    assert torch.load(tmp_path / "stats.pt")["unique_graphs"] == 1
+    eager = tiny_model("svhn", **CASES["svhn"]).double().train()
+    x = random_images(eager, 4, seed=6).double()
+    ((eager(x[:2])["loss"] + eager(x[2:])["loss"]) / 2).backward()
+    reached = 0
+    for name, p in eager.named_parameters():
+        assert (p.grad is None) == (grads[name] is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-7, atol=1e-10, msg=name)
+            reached += int(p.grad.abs().sum() > 0)
+    assert reached > 5

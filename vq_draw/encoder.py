@@ -357,8 +357,12 @@ class VQDraw(nn.Module):
         key = (local, device)
         if key not in self._stage_indices:
             self._stage_indices[key] = torch.tensor(local, device=device)
-        return self._compiled_stage(network, recon, target, self._stage_indices[key],
-                                    self.scale(stage), forced)
+        # Under DDP, dynamo would split the graph at the gradient buckets to overlap their
+        # communication; a stage's gradients are not final (later stages add to them), so
+        # there is nothing to overlap, and the split fails on this graph.
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return self._compiled_stage(network, recon, target, self._stage_indices[key],
+                                        self.scale(stage), forced)
 
     def _stage_body(self, network, recon, target, stage, scale, forced):
         """One stage after the first, for compiling: the same values as ``_train_stage``.
