@@ -53,13 +53,17 @@ def test_code_usage_extremes():
     assert entropy[1].item() == pytest.approx(math.log(4), abs=1e-6)
 
 
+@pytest.mark.parametrize("fold_all_stages", [False, True])
 @pytest.mark.parametrize("dataset, stages, segment", [("mnist", 4, None), ("cifar10", 2, 1)])
-def test_checkpointed_and_plain_gradients_agree(dataset, stages, segment, monkeypatch):
+def test_checkpointed_and_plain_gradients_agree(dataset, stages, segment, fold_all_stages,
+                                                monkeypatch):
     import vq_draw.encoder as encoder
 
     plain = tiny_model(dataset, stages=stages, segment=segment)
     checkpointed = tiny_model(dataset, stages=stages, segment=segment, grad_checkpoint=True)
     checkpointed.load_state_dict(plain.state_dict())
+    plan = encoder.StepPlan(fold_all_stages=fold_all_stages, distinct_stage1=not fold_all_stages)
+    plain.step_plan = checkpointed.step_plan = plan
     x = random_images(plain, 2, seed=3)
 
     calls = []
@@ -89,8 +93,10 @@ def test_checkpointed_and_plain_gradients_agree(dataset, stages, segment, monkey
     assert grads > 10  # gradients reached most of the network, so the comparison means something
 
 
+@pytest.mark.parametrize("fold_all_stages", [False, True])
 @pytest.mark.parametrize("dataset, stages, segment", [("mnist", 4, None), ("cifar10", 4, 2)])
-def test_the_recomputation_replays_the_first_passs_choices(dataset, stages, segment):
+def test_the_recomputation_replays_the_first_passs_choices(dataset, stages, segment,
+                                                           fold_all_stages):
     """On a GPU a recomputed stage can rank two nearly equal options the other way (its
     kernels are not bit-reproducible; on an H200 that changed the number of distinct first
     choices and the backward pass failed). The recomputation must not choose again."""
@@ -107,6 +113,7 @@ def test_the_recomputation_replays_the_first_passs_choices(dataset, stages, segm
         return best if len(calls) <= stages else (best + 1) % losses.shape[1]
 
     checkpointed._choose = choose_otherwise_when_recomputed
+    plain.step_plan = checkpointed.step_plan = vq_draw.encoder.StepPlan(fold_all_stages, True)
     terms_plain = plain.training_losses(x)
     terms_plain["loss"].backward()
     terms_ckpt = checkpointed.training_losses(x)
@@ -171,6 +178,25 @@ def test_epsilon_explores_only_while_training():
     assert not torch.equal(codes, greedy)  # with epsilon 1 every choice is random
     codes, _, _ = model.eval().run(x)
     assert torch.equal(codes, greedy)
+
+
+def test_exploration_draws_randint_then_rand_as_the_original():
+    """Under epsilon the original draws the random option (randint) and then whether to
+    explore (rand) at each stage; one seed must explore the same way here."""
+    model = tiny_model("mnist", stages=4, epsilon=0.5).train()
+    x = random_images(model, 16)
+    torch.manual_seed(3)
+    codes, _, losses = model.run(x)
+    torch.manual_seed(3)
+    expected = []
+    for stage in range(model.num_stages):
+        random = torch.randint(0, model.options, (16,))
+        explore = torch.rand(16) < 0.5
+        expected.append(torch.where(explore, random, losses[:, stage].argmin(1)))
+    expected = torch.stack(expected, 1)
+    assert torch.equal(codes, expected)
+    # Both kinds of choice happen, so the order of the draws is what the check sees.
+    assert (codes != losses.argmin(2)).any() and (codes == losses.argmin(2)).any()
 
 
 def test_sample_decodes_random_codes():

@@ -13,6 +13,7 @@ import torch
 
 from conftest import DATASET_NAMES, random_images, tiny_model
 from vq_draw import reference
+from vq_draw.encoder import StepPlan
 from vq_draw.tools import bench
 
 
@@ -67,10 +68,20 @@ def test_batched_greedy_choice_equals_a_naive_loop_over_options(dataset):
         assert terms["code_entropy"][t].item() == pytest.approx(entropy, abs=1e-6)
 
 
-@pytest.mark.parametrize("dataset", ["mnist", "svhn"])
-def test_gradients_equal_reference_in_float64(dataset):
+# The CPU's plan, and the GPU's (masks folded once for all stages, stage 1 on all rows) in
+# both layouts: all give the reference's codes, losses and gradients.
+PLANS = {"cpu": (StepPlan(), True),
+         "gpu": (StepPlan(fold_all_stages=True, distinct_stage1=False), False),
+         "gpu-channels-last": (StepPlan(fold_all_stages=True, distinct_stage1=False), True)}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("dataset", ["mnist", "svhn", "cifar10"])
+def test_gradients_equal_reference_in_float64(dataset, plan):
     model, plain = tiny_models(dataset, torch.float64)
-    x = images(model, 2, torch.float64)
+    model.step_plan, model.channels_last = PLANS[plan]
+    # 5 images and K = 4: some share a first choice, so stage 1's once-per-input path runs.
+    x = images(model, 5, torch.float64)
     terms = model(x)
     terms["loss"].backward()
     loss, codes, losses = reference.training_loss(plain, x)

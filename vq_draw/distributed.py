@@ -1,4 +1,5 @@
-"""The processes of a training run: ``compile_refiners``, and ``Processes``, which holds torchrun's environment and the collectives the loop needs
+"""The processes of a training run: ``compile_refiners``, and ``Processes``, which holds
+torchrun's environment and the collectives the loop needs
 (gathers, means, rank-0-only work, the shared evaluation). With one process every collective
 is a plain local call.
 """
@@ -12,18 +13,9 @@ import torch.distributed as dist
 
 
 def compile_refiners(model):
-    """``torch.compile`` the ``features`` and ``options`` of every refiner network of ``model``.
-
-    Only the networks are compiled (per segment, so that the stage index becomes a dynamic
-    integer after the first recompile); the staged loop and the choices stay eager, and the
-    modules, parameters and state_dict keys are unchanged.
-    """
-    from .nn import Refiner
-    for module in model.modules():
-        if isinstance(module, Refiner):
-            module.features = torch.compile(module.features)
-            module.options = torch.compile(module.options)
-    return model
+    """``--compile``: compile each training stage of ``model`` (``VQDraw.compile_step``: one
+    graph per network, no graph breaks); the modules and state_dict keys are unchanged."""
+    return model.compile_step()
 
 
 class Processes:

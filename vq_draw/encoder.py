@@ -13,12 +13,43 @@ decoding), and tests/test_reference.py holds it to the plain version.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .losses import LOSSES, mse_options, mse_options_pick, mse_shared_options
+from .nn import fold_all_stages, stage_weights
+
+
+@dataclass
+class StepPlan:
+    """How the training step is computed. Every plan gives the same codes, losses and
+    gradients (tests/test_reference.py); they differ in speed per device.
+
+    :param fold_all_stages: fold every stage's channel masks into the weights once per
+        micro-batch (``nn.fold_all_stages``) instead of at every stage: far fewer kernels (on
+        a GPU, launches), at the memory of one copy of the masked weights per stage, held
+        through the backward pass (also under checkpointing: folding per chunk would be
+        recomputed, and its gradient would fill the other stages' rows with zeros).
+    :param distinct_stage1: run stage 1's refiner once per distinct first choice, which
+        needs ``torch.unique`` (on a GPU a wait for the device, and a batch size that changes
+        with the data); otherwise on all rows, a fixed shape.
+    :param check_finite: check the images for NaN and infinite values at every step (on a
+        GPU a wait for the device); otherwise a non-finite image gives a non-finite loss,
+        which the training loop stops on at its next log.
+    """
+    fold_all_stages: bool = False
+    distinct_stage1: bool = True
+    check_finite: bool = True
+
+    @classmethod
+    def for_device(cls, device):
+        """The CPU's fastest plan there (fold per stage, distinct inputs), and elsewhere the
+        one with the fewest kernel launches and no host synchronization."""
+        cpu = torch.device(device).type == "cpu"
+        return cls(fold_all_stages=not cpu, distinct_stage1=cpu, check_finite=cpu)
 
 
 class VQDraw(nn.Module):
@@ -59,6 +90,9 @@ class VQDraw(nn.Module):
         # Run the refiner on channels_last activations: faster convolutions (oneDNN on the
         # CPU, tensor cores on a GPU); the values are the same either way.
         self.channels_last = True
+        # How training steps are computed (StepPlan); None: StepPlan.for_device of the images.
+        self.step_plan = None
+        self._compiled_stage = None  # set by compile_step
         # One scalar for one network; [networks] for a SegmentRefiner, each stage scaled by the
         # entry of the network that runs it (``scale``).
         self._scale_index = getattr(refiner, "network_of_stage", None)
@@ -165,14 +199,14 @@ class VQDraw(nn.Module):
         by its first choice), so there the refiner runs once per distinct input.
 
         :param recon: [N x *shape] reconstructions entering ``stage``.
-        :param first_choices: [N] the stage-0 choices (used at stage 1).
+        :param first_choices: [N] the stage-0 choices (used at stage 1; None runs all rows).
         :return: (features [U x ...], inverse [N] mapping images to rows, or None when U = N).
         """
         n = len(recon)
         if stage == 0:
             features = self.refiner.features(self._layout(recon[:1]), 0)
             return features, torch.zeros(n, dtype=torch.long, device=recon.device)
-        if stage == 1:
+        if stage == 1 and first_choices is not None:
             unique, inverse = torch.unique(first_choices, return_inverse=True)
             if len(unique) < n:
                 first = torch.empty_like(unique).scatter_(0, inverse,
@@ -218,19 +252,31 @@ class VQDraw(nn.Module):
                                                       choose or self._choose)
         return self._next(recon, delta, stage, choices), choices, losses
 
+    def _plan(self, device):
+        """The ``StepPlan`` of training steps on ``device``."""
+        return self.step_plan or StepPlan.for_device(device)
+
     def _choose(self, losses):
         """Losses [N x K] -> choices [N]: the best option, or with probability ``epsilon`` while
         training a random one."""
         choices = losses.argmin(1)
         if self.training and self.epsilon > 0:
-            explore = torch.rand(choices.shape, device=choices.device) < self.epsilon
+            # The original's order of draws (randint, then rand), so that one seed explores
+            # the same way in both.
             random = torch.randint(0, self.options, choices.shape, device=choices.device)
+            explore = torch.rand(choices.shape, device=choices.device) < self.epsilon
             choices = torch.where(explore, random, choices)
         return choices
 
-    def _train_chunk(self, recon, target, start, stop, first_choices=None, made=None):
+    def _train_chunk(self, recon, target, start, stop, first_choices=None, made=None, folds=None,
+                     distinct=True):
         """Stages ``start`` to ``stop`` - 1 with gradients: returns (recon, codes [N x stages],
         losses [N x stages x K]).
+
+        :param first_choices: [N] the stage-0 choices when ``distinct`` (see
+            ``_distinct_features``); with ``distinct`` False stage 1 runs all rows.
+        :param folds: every stage's folded weights (``nn.fold_all_stages``), or None to fold
+            each stage's masks as it runs.
 
         :param made: a list for gradient checkpointing, empty on the first call: that call
             appends each stage's choices [N], and the recomputation in the backward pass
@@ -241,17 +287,102 @@ class VQDraw(nn.Module):
         """
         replay = made is not None and len(made) == stop - start
         codes, losses = [], []
-        for i, stage in enumerate(range(start, stop)):
-            choose = (lambda _, chosen=made[i]: chosen) if replay else None
-            recon, choices, stage_losses = self._train_stage(recon, target, stage, first_choices,
-                                                             choose)
-            if made is not None and not replay:
-                made.append(choices)
-            if stage == 0:
-                first_choices = choices
-            codes.append(choices)
-            losses.append(stage_losses)
+        with stage_weights(folds or {}):
+            for i, stage in enumerate(range(start, stop)):
+                if self._compiled_stage is not None and stage > 0 and torch.is_grad_enabled():
+                    recon, choices, stage_losses = self._run_compiled_stage(
+                        recon, target, stage, made[i] if replay else None)
+                else:
+                    choose = (lambda _, chosen=made[i]: chosen) if replay else None
+                    recon, choices, stage_losses = self._train_stage(recon, target, stage,
+                                                                     first_choices, choose)
+                if made is not None and not replay:
+                    made.append(choices)
+                if stage == 0 and distinct:
+                    first_choices = choices
+                codes.append(choices)
+                losses.append(stage_losses)
         return recon, torch.stack(codes, 1), torch.stack(losses, 1)
+
+    # ------------------------------------------------------------------ compiled training
+
+    def compile_step(self, **options):
+        """Train with every stage after the first compiled by ``torch.compile(fullgraph=True)``.
+
+        A stage after the first runs the same computation on every network (``_stage_body``:
+        all rows, the stage index a tensor, no host synchronization), so each graph compiles
+        once, whatever the stage; stage 0 (the refiner on one image) stays eager. The choices
+        of the exploration (epsilon) are drawn outside the graph, in the eager order, so one
+        seed gives the same codes as eager training. Checkpointing replays the first pass's
+        choices through the same graph. Without gradients (evaluation), encoding and decoding
+        the stages run eagerly.
+
+        :param options: passed to ``torch.compile`` (e.g. ``backend``, ``mode``).
+        :return: self.
+        """
+        self.step_plan = StepPlan(fold_all_stages=False, distinct_stage1=False, check_finite=False)
+        # NCHW: the compiler picks layouts itself, and eager convolutions (oneDNN) may return
+        # another layout than the one traced, which breaks the graph's views.
+        self.channels_last = False
+        self._compiled_stage = torch.compile(self._stage_body, fullgraph=True, **options)
+        self._stage_indices = {}  # (local stage, device) -> 0-dim long tensor
+        return self
+
+    def _network(self, stage):
+        """(network, its local stage) that runs ``stage``."""
+        where = getattr(self.refiner, "_where", None)
+        if where is None:
+            return self.refiner, stage
+        j, local = where[stage]
+        return self.refiner.refiners[j], local
+
+    def _run_compiled_stage(self, recon, target, stage, replay=None):
+        """A stage after the first through the compiled ``_stage_body``; as ``_train_stage``.
+
+        :param replay: [N] choices to make again (checkpointing's recomputation), or None.
+        """
+        network, local = self._network(stage)
+        n, device = len(recon), recon.device
+        if replay is not None:
+            forced = replay
+        elif self.training and self.epsilon > 0:
+            # The draws of ``_choose``, in its order.
+            random = torch.randint(0, self.options, (n,), device=device)
+            explore = torch.rand((n,), device=device) < self.epsilon
+            forced = torch.where(explore, random, -1)
+        else:
+            forced = torch.full((n,), -1, dtype=torch.long, device=device)
+        # The stage index as a tensor made once per device: copying it from the host at every
+        # stage would wait for the GPU.
+        key = (local, device)
+        if key not in self._stage_indices:
+            self._stage_indices[key] = torch.tensor(local, device=device)
+        # Under DDP, dynamo would split the graph at the gradient buckets to overlap their
+        # communication; a stage's gradients are not final (later stages add to them), so
+        # there is nothing to overlap, and the split fails on this graph.
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return self._compiled_stage(network, recon, target, self._stage_indices[key],
+                                        self.scale(stage), forced)
+
+    def _stage_body(self, network, recon, target, stage, scale, forced):
+        """One stage after the first, for compiling: the same values as ``_train_stage``.
+
+        :param network: the refiner network that runs the stage (a ``nn.Refiner``).
+        :param stage: 0-dim long tensor, the stage within ``network``.
+        :param scale: scalar tensor, the network's output scale.
+        :param forced: [N] long, a choice to make per image, or -1 for the best option.
+        :return: (next recon [N x *shape], choices [N], losses [N x K]).
+        """
+        if self.grad_decay:
+            recon = recon.detach() + (1 - self.grad_decay) * (recon - recon.detach())
+        deltas = network.options(network.features(self._layout(recon), stage), stage)
+        with torch.autocast(recon.device.type, enabled=False):
+            dtype = torch.promote_types(target.dtype, torch.float32)
+            deltas, residual = deltas.to(dtype), (recon - target).to(dtype)
+            losses = mse_options(residual, deltas, scale)
+            choices = torch.where(forced >= 0, forced, losses.detach().argmin(1))
+            rows = torch.arange(len(choices), device=choices.device)
+            return recon + scale * deltas[rows, choices], choices, losses
 
     def run(self, x):
         """Encode with gradients, as in training (with exploration when ``epsilon`` > 0).
@@ -259,7 +390,11 @@ class VQDraw(nn.Module):
         :param x: [N x *shape] normalized images.
         :return: (codes [N x S] long, final reconstruction [N x *shape], losses [N x S x K]).
         """
-        self._check_images(x)
+        self._check_images(x, finite=False)
+        plan = self._plan(x.device)
+        if plan.check_finite:
+            self._check_finite(x)
+        folds = fold_all_stages(self.refiner, self.channels_last) if plan.fold_all_stages else None
         recon = torch.zeros_like(x)
         codes, losses = [], []
         chunk = self.num_stages
@@ -267,12 +402,13 @@ class VQDraw(nn.Module):
             chunk = max(1, round(math.sqrt(self.num_stages)))
         for start in range(0, self.num_stages, chunk):
             stop = min(start + chunk, self.num_stages)
-            first_choices = codes[0][:, 0] if codes else None
+            first_choices = codes[0][:, 0] if codes and plan.distinct_stage1 else None
             if chunk < self.num_stages:
                 recon, c, l = checkpoint(self._train_chunk, recon, x, start, stop, first_choices,
-                                         [], use_reentrant=False)
+                                         [], folds, plan.distinct_stage1, use_reentrant=False)
             else:
-                recon, c, l = self._train_chunk(recon, x, start, stop, first_choices)
+                recon, c, l = self._train_chunk(recon, x, start, stop, first_choices, None, folds,
+                                                plan.distinct_stage1)
             codes.append(c)
             losses.append(l)
         return torch.cat(codes, 1), recon, torch.cat(losses, 1)
@@ -474,7 +610,9 @@ class VQDraw(nn.Module):
 
     # ------------------------------------------------------------------ checks
 
-    def _check_images(self, x):
+    def _check_images(self, x, finite=True):
+        """Shape and type checks (on the host); with ``finite`` also a check of the values,
+        which on a GPU waits for the device (the training step: ``StepPlan.check_finite``)."""
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(f"expected a float tensor of images [N x {' x '.join(map(str, self.shape))}]"
                             f", got {type(x).__name__} {getattr(x, 'dtype', '')}")
@@ -484,6 +622,10 @@ class VQDraw(nn.Module):
                              f"{self.shape[1]}x{self.shape[2]} images")
         if len(x) == 0:
             raise ValueError("expected at least one image, got an empty batch")
+        if finite:
+            self._check_finite(x)
+
+    def _check_finite(self, x):
         if not torch.isfinite(x).all():
             raise ValueError("images contain NaN or infinite values")
 

@@ -4,6 +4,8 @@ Every module here takes ``(x, stage)`` where ``stage`` is a Python int shared by
 the whole batch: all images of a batch are refined at the same stage.
 """
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,18 +37,69 @@ class MaskedConv(StageModule):
         self.mask = nn.Parameter(torch.randn(num_stages, out_channels))
         self.transpose = transpose
         self.fold_mask = True  # False computes conv then multiply (the benchmark's reference)
+        # Every stage's folded (weight, bias) while ``stage_weights`` is active, else None.
+        self._stage_weights = None
 
     def forward(self, x, stage):
-        m = self.mask[stage]
         conv = self.conv
-        if not self.fold_mask:
-            return conv(x) * m.view(1, -1, 1, 1)
-        if self.transpose:
+        if self._stage_weights is not None:
+            weights, biases = self._stage_weights
+            w, b = weights[stage], biases[stage]
+        elif not self.fold_mask:
+            return conv(x) * self.mask[stage].view(1, -1, 1, 1)
+        elif self.transpose:
             # ConvTranspose2d weights are [in, out, k, k].
-            w = conv.weight * m.view(1, -1, 1, 1)
-            return F.conv_transpose2d(x, w, conv.bias * m, conv.stride, conv.padding)
-        w = conv.weight * m.view(-1, 1, 1, 1)
-        return F.conv2d(x, w, conv.bias * m, conv.stride, conv.padding)
+            m = self.mask[stage]
+            w, b = conv.weight * m.view(1, -1, 1, 1), conv.bias * m
+        else:
+            m = self.mask[stage]
+            w, b = conv.weight * m.view(-1, 1, 1, 1), conv.bias * m
+        if self.transpose:
+            return F.conv_transpose2d(x, w, b, conv.stride, conv.padding)
+        return F.conv2d(x, w, b, conv.stride, conv.padding)
+
+    def fold_stages(self, channels_last=False):
+        """Every stage's folded weight and bias in one product each, for ``stage_weights``.
+
+        Folding per stage costs two products in the forward pass and about eight kernels in
+        the backward pass (the masks' and the weights' gradients, and their sums over stages)
+        per stage; folded once, the backward pass sums over all stages in a few kernels.
+        It holds S copies of the weights, so it suits a device bound by kernel launches.
+
+        :return: (weights, biases): tuples of S views, [out x in x k x k] ([in x out x k x k]
+                 transposed; channels_last with ``channels_last``) and [out].
+        """
+        m = self.mask  # [S x out]
+        if self.transpose:  # weights [in x out x k x k]
+            scale = m[:, None, :, None, None]
+        else:  # [out x in x k x k]
+            scale = m[:, :, None, None, None]
+        weights = self.conv.weight.unsqueeze(0) * scale  # [S x *weight.shape]
+        if channels_last and weights.shape[-1] > 1:
+            # Each stage's weight in channels_last, as the activations are, so that the
+            # convolutions do not convert it on every call.
+            weights = weights.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        biases = self.conv.bias.unsqueeze(0) * m
+        return weights.unbind(0), biases.unbind(0)
+
+
+def fold_all_stages(module, channels_last=False):
+    """``MaskedConv.fold_stages`` of every masked convolution in ``module``: a dict from
+    module to its stages' (weights, biases), for ``stage_weights``."""
+    return {m: m.fold_stages(channels_last) for m in module.modules() if isinstance(m, MaskedConv)}
+
+
+@contextmanager
+def stage_weights(folds):
+    """While active, the masked convolutions in ``folds`` (from ``fold_all_stages``) use
+    their stages' folded weights instead of folding a stage's mask on each call."""
+    for m, weights in folds.items():
+        m._stage_weights = weights
+    try:
+        yield
+    finally:
+        for m in folds:
+            m._stage_weights = None
 
 
 class StageSequential(nn.Sequential):

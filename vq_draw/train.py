@@ -36,11 +36,17 @@ from .signals import Interrupted, StopSignals
 from .train_log import TrainLog, describe_run
 
 __all__ = ["TrainLoop", "TrainSettings", "Interrupted", "RunDirError", "check_device", "check_settings",
-           "learning_rate", "compile_refiners", "ACCUMULATE", "ADAM_BETAS", "ADAM_EPS"]
+           "learning_rate", "compile_refiners", "make_adam", "ACCUMULATE", "ADAM_BETAS", "ADAM_EPS"]
 
 # Test images encoded between checks for a stop signal: the whole test set at the step
 # limit can take minutes, longer than a scheduler waits after its SIGTERM.
 EVAL_CHUNK = 1000
+
+
+def make_adam(model, lr=1e-3):
+    """The original's Adam for ``model``, foreach on every device: one kernel per operation for
+    all parameters instead of one per parameter (the same update, to float rounding)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)
 
 
 class TrainLoop:
@@ -98,8 +104,7 @@ class TrainLoop:
         self.last_eval = None
         self.signals = StopSignals(announce=False)  # replaced by run()
         self._claimed = False
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.settings.lr, betas=ADAM_BETAS,
-                                          eps=ADAM_EPS)
+        self.optimizer = make_adam(model, self.settings.lr)
         # Each process draws its own exploration randomness (epsilon); the weights still
         # start equal everywhere, since DDP copies rank 0's when it wraps the model.
         torch.manual_seed(self.settings.seed + self.rank)
