@@ -78,9 +78,13 @@ def build_parser(dataset, prog=None):
                              "of stopping at the first (reads every image once before training)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (choices on fp32 losses)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the refiner networks (minutes to compile; for GPUs)")
+                        help="torch.compile each training stage into one graph per network "
+                             "(minutes to compile; for GPUs)")
+    parser.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                        help="run the convolutions in channels_last (the default on the CPU)")
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                        help="run the convolutions in NCHW instead of channels_last")
+                        help="run them in NCHW (the default on CUDA, where the step folds all "
+                             "stages' masks without layout conversions)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="no tqdm bar (it is shown only when stderr is a terminal)")
     parser.set_defaults(dataset=dataset)
@@ -138,7 +142,8 @@ def train(args, objective=None, start=None):
                              aux_coeff=args.aux_coeff, final_coeff=args.final_coeff,
                              epsilon=args.epsilon, grad_decay=args.grad_decay,
                              grad_checkpoint=args.grad_checkpoint)
-        model.channels_last = args.channels_last
+        model.channels_last = (args.channels_last if args.channels_last is not None
+                               else not str(args.device).startswith("cuda"))
         train_data, test_data = (load_dataset(dataset, split, args.data_dir, shape=model.shape,
                                               skip_bad_images=args.skip_bad_images)
                                  for split in ("train", "test"))
