@@ -57,23 +57,23 @@ def test_code_usage_extremes():
 @pytest.mark.parametrize("dataset, stages, segment", [("mnist", 4, None), ("cifar10", 2, 1)])
 def test_checkpointed_and_plain_gradients_agree(dataset, stages, segment, fold_all_stages,
                                                 monkeypatch):
-    import vq_draw.encoder as encoder
+    import vq_draw.train_step as train_step
 
     plain = tiny_model(dataset, stages=stages, segment=segment)
     checkpointed = tiny_model(dataset, stages=stages, segment=segment, grad_checkpoint=True)
     checkpointed.load_state_dict(plain.state_dict())
-    plan = encoder.StepPlan(fold_all_stages=fold_all_stages, distinct_stage1=not fold_all_stages)
+    plan = train_step.StepPlan(fold_all_stages=fold_all_stages, distinct_stage1=not fold_all_stages)
     plain.step_plan = checkpointed.step_plan = plan
     x = random_images(plain, 2, seed=3)
 
     calls = []
-    real_checkpoint = encoder.checkpoint
+    real_checkpoint = train_step.checkpoint
 
     def counting_checkpoint(*args, **kwargs):
         calls.append(kwargs.get("use_reentrant"))
         return real_checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(encoder, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(train_step, "checkpoint", counting_checkpoint)
     terms_plain = plain.training_losses(x)
     terms_plain["loss"].backward()
     assert calls == []

@@ -17,7 +17,7 @@ import vq_draw
 LAYERS = [
     ("basics", ["files", "devices", "arguments", "data", "images", "losses", "nn", "reference",
                 "settings", "signals"]),
-    ("model", ["refiners", "encoder", "config"]),
+    ("model", ["refiners", "train_step", "encoder", "config"]),
     ("model files", ["codec", "rate_distortion", "checkpoint", "convert", "loading", "export",
                      "evaluate"]),
     ("training", ["distributed", "run_folder", "train_log", "train_state", "train", "train_cli",

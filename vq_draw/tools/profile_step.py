@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..arguments import Parser, check_output, device, positive_int
 from ..config import DATASETS
-from ..encoder import StepPlan
+from ..train_step import StepPlan
 from .bench import _images, build_models, describe_device, make_optimizer, timed, train_step
 
 # The kernel counts of issue 32's setups in the original implementation (same counter, batch 8,
@@ -80,8 +80,8 @@ def count_ops(dataset, batch=8, stages=None, segment=None, data_dir=None, seed=0
 
     :param stages, segment: default ``COUNT_SETUPS[dataset]``.
     :param data_dir: count on the first ``batch`` real test images from here (default noise).
-    :param device: count the step as it runs there (``encoder.StepPlan.for_device``; NCHW
-                   activations except on the CPU); the count itself runs on the CPU.
+    :param device: count the step as it runs there (``vq_draw.train_step.StepPlan.for_device``;
+                   NCHW activations except on the CPU); the count itself runs on the CPU.
     :param model_setup: optional function called on the model before the count (e.g. to pick
                         a code path).
     :param optimizer: function model -> optimizer (default: the training loop's Adam).
