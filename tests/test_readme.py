@@ -159,6 +159,60 @@ def test_using_a_model_commands_run_as_pasted(user_folder):
     assert len(os.listdir(user_folder / "stages")) >= 1
 
 
+def _quick_start_commands():
+    """The README's training commands under 'Install and quick start': (quick, published)."""
+    section = _section(_read(DOCS[0]), "Install and quick start")
+    commands = re.findall(r"^python -u train_mnist.py (.*)$", section, re.M)
+    assert len(commands) == 2, commands
+    return commands
+
+
+def test_quick_start_and_published_recipe_use_their_own_run_folders():
+    """Running the quick command first must not make the published one resume from it."""
+    import shlex
+
+    from vq_draw.train_cli import parse_args
+
+    quick, full = (parse_args("mnist", shlex.split(command)) for command in _quick_start_commands())
+    assert full.run_dir == os.path.join("runs", "mnist") and quick.run_dir != full.run_dir
+    assert (full.stages, full.step_limit, full.lr, full.lr_final) == (10, 50000, 1e-3, 0.0)
+
+
+@pytest.mark.slow
+def test_quick_start_command_trains_a_recognizable_model(tmp_path, monkeypatch):
+    """The README's quick command, run as pasted (MNIST in ./data), reaches the test MSE the
+    README states, and writes the images it names."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    from vq_draw.data import DataError, load_dataset
+
+    data = _mnist_test_data()
+    try:
+        load_dataset("mnist", "train", data, download=False) if data else None
+    except DataError:
+        data = None
+    if data is None:
+        pytest.skip("MNIST not found ($VQ_DRAW_DATA or ../shared/data)")
+    os.symlink(data, tmp_path / "data")
+    quick = _quick_start_commands()[0]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-u", os.path.join(ROOT, "train_mnist.py"), *shlex.split(quick)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = tmp_path / shlex.split(quick)[shlex.split(quick).index("--run-dir") + 1]
+    with open(run_dir / "final_eval.json") as f:
+        result = json.load(f)
+    stated = re.search(r"test MSE (0\.\d+) after its", _section(_read(DOCS[0]), "Install and quick start"))
+    assert result["count"] == 10000
+    # Another CPU rounds differently and makes other choices: within 10 % of the stated value.
+    assert result["final_mse"] < 1.1 * float(stated.group(1)), result["final_mse"]
+    for name in ("reconstructions.png", "samples.png"):
+        assert (run_dir / name).exists()
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_docs_commands_name_modules_that_exist(path):
     """Every `python -m vq_draw...` command in the docs runs a module of the package (modules move)."""
