@@ -540,3 +540,9 @@ def fixed_images(dataset, count):
     if isinstance(dataset, ArrayDataset):
         return dataset.batch(torch.arange(count))
     return torch.stack([dataset[i] for i in range(count)])
+
+
+def load_test_images(name, count, data_dir=None):
+    """The first ``count`` test images of dataset ``name``: [count x C x H x W] in [0, 1], found
+    as ``load_dataset`` finds them (default ``./data``, downloaded when missing)."""
+    return fixed_images(load_dataset(name, "test", data_dir), count)

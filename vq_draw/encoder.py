@@ -365,6 +365,11 @@ class VQDraw(TrainingStep, nn.Module):
         codes = torch.randint(0, self.options, (count, n), generator=generator)
         return self.decode(codes.to(self.output_scale.device))
 
+    def sample_images(self, count, num_stages=None, generator=None):
+        """``sample`` as pixels to save or show: [count x *shape] in [0, 1]. Decodings can
+        overshoot the data's range a little (about -0.2 to 1.25 for MNIST), so they are clamped."""
+        return self.denormalize(self.sample(count, num_stages, generator)).clamp(0, 1)
+
     @torch.no_grad()
     def proposals(self, codes):
         """The K proposals of stage t after code prefixes of t stages.
