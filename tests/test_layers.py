@@ -24,8 +24,8 @@ LAYERS = [
                   "experiments"]),
     ("commands", ["cli", "__main__", "tools", "tools.compare_log", "tools.bench_speed",
                   "tools.bench_memory", "tools.bench_loop", "tools.bench", "tools.profile_step",
-                  "tools.grad_scale", "tools.make_images", "tools.pack_data", "tools.step_probe",
-                  "tools.gpu_check_train", "tools.gpu_check_results", "tools.gpu_check",
+                  "tools.grad_scale", "tools.make_images", "tools.notebooks", "tools.pack_data",
+                  "tools.step_probe", "tools.gpu_check_train", "tools.gpu_check_results", "tools.gpu_check",
                   ""]),  # "": the package itself, vq_draw/__init__.py
 ]
 ORDER = [name for _, names in LAYERS for name in names]
