@@ -131,3 +131,35 @@ def test_compiled_step_under_ddp_averages_the_processes_gradients(tmp_path):
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-7, atol=1e-10, msg=name)
             reached += int(p.grad.abs().sum() > 0)
     assert reached > 5
+
+
+def test_a_compiled_run_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_path, no_plots):
+    """Exact resume in the compiled mode: a run stopped at step 4 and continued by a new
+    process-like loop (another model object, compiled anew) ends bit for bit where the
+    uninterrupted compiled run ends: weights and Adam's state, with exploration, accumulation
+    and a learning-rate schedule."""
+    from vq_draw.data import ArrayDataset
+    from vq_draw.train import TrainLoop
+    from conftest import state_equal
+
+    images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(2))
+    settings = dict(train_data=ArrayDataset(images), batch_size=2, step_interval=2, step_limit=8,
+                    save_interval=1000, log_interval=1000, lr_final=0.0, quiet=True)
+
+    def loop(run_dir, seed=0, **extra):
+        model = compile_fresh(tiny_model("mnist", stages=3, epsilon=0.3, seed=seed))
+        return TrainLoop(model=model, run_dir=str(run_dir), **settings, **extra)
+
+    reference = loop(tmp_path / "ref")
+    reference.run()
+    first = loop(tmp_path / "run", stop_at=3)
+    first.run()
+    assert first.step == 4
+    rest = loop(tmp_path / "run", seed=9)  # other initial weights: all must come from the file
+    assert rest.step == 4
+    rest.run()
+    assert rest.step == 8
+    assert graphs_compiled() == 1
+    assert state_equal(rest.model.state_dict(), reference.model.state_dict())
+    assert state_equal(rest.optimizer.state_dict(), reference.optimizer.state_dict())
