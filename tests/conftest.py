@@ -158,6 +158,21 @@ def no_plots(monkeypatch):
     monkeypatch.setattr(vq_draw.images, "plot_log", lambda *args, **kwargs: None)
 
 
+def mnist_test_root():
+    """A torchvision root that holds the MNIST test set ($VQ_DRAW_DATA, then ../shared/data),
+    or None."""
+    from vq_draw.data import DataError, load_dataset
+
+    for folder in (os.environ.get("VQ_DRAW_DATA"), SHARED_DATA):
+        if folder and os.path.isdir(folder):
+            try:
+                load_dataset("mnist", "test", folder, download=False)
+                return os.path.abspath(folder)
+            except DataError:
+                continue
+    return None
+
+
 @pytest.fixture
 def shared_data():
     """The real data folder of the project (../shared/data); skips when it is absent."""

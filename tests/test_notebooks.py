@@ -17,7 +17,8 @@ import torch
 
 from vq_draw import load_model
 from vq_draw.checkpoint import CHECKPOINT_FORMAT
-from vq_draw.data import DataError, load_dataset
+from vq_draw.data import load_dataset
+from conftest import mnist_test_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "pretrained", "mnist_model.pt")
@@ -25,24 +26,12 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "mnist_*.ipynb")))  # the shippe
 SVHN_DEMO = os.path.join(ROOT, "svhn_demo.ipynb")
 
 
-def mnist_dir():
-    """The first candidate folder that holds the MNIST test set, or None."""
-    for folder in (os.environ.get("VQ_DRAW_DATA"), os.path.join(ROOT, "..", "shared", "data")):
-        if folder and os.path.isdir(folder):
-            try:
-                load_dataset("mnist", "test", folder, download=False)
-                return os.path.abspath(folder)
-            except DataError:
-                continue
-    return None
-
-
 needs_model = pytest.mark.skipif(not os.path.exists(MODEL), reason="pretrained/mnist_model.pt is absent")
 
 
 @pytest.fixture(scope="module")
 def data_dir():
-    folder = mnist_dir()
+    folder = mnist_test_root()
     if folder is None:
         pytest.skip("MNIST test data not found ($VQ_DRAW_DATA or ../shared/data)")
     return folder

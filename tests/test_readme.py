@@ -12,6 +12,7 @@ import torch
 
 import vq_draw
 from vq_draw import reference
+from conftest import mnist_test_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
@@ -85,26 +86,12 @@ def test_docs_links_and_named_files_exist(path):
         assert os.path.exists(os.path.join(ROOT, name)), f"{os.path.relpath(path, ROOT)} names {name}, which does not exist"
 
 
-def _mnist_test_data():
-    """A torchvision root holding the MNIST test set ($VQ_DRAW_DATA, then ../shared/data), or None."""
-    from vq_draw.data import DataError, load_dataset
-
-    for folder in (os.environ.get("VQ_DRAW_DATA"), os.path.join(ROOT, "..", "shared", "data")):
-        if folder and os.path.isdir(folder):
-            try:
-                load_dataset("mnist", "test", folder, download=False)
-                return os.path.abspath(folder)
-            except DataError:
-                continue
-    return None
-
-
 @pytest.fixture
 def user_folder(tmp_path, monkeypatch):
     """A working folder as a user's clone has it: pretrained/ and MNIST in ./data."""
     if not os.path.exists(os.path.join(ROOT, "pretrained", "mnist_model.pt")):
         pytest.skip("pretrained/mnist_model.pt is absent")
-    data = _mnist_test_data()
+    data = mnist_test_root()
     if data is None:
         pytest.skip("MNIST test data not found ($VQ_DRAW_DATA or ../shared/data)")
     os.symlink(os.path.join(ROOT, "pretrained"), tmp_path / "pretrained")
@@ -189,7 +176,7 @@ def test_quick_start_command_trains_a_recognizable_model(tmp_path, monkeypatch):
 
     from vq_draw.data import DataError, load_dataset
 
-    data = _mnist_test_data()
+    data = mnist_test_root()
     try:
         load_dataset("mnist", "train", data, download=False) if data else None
     except DataError:
