@@ -87,13 +87,8 @@ def assert_same_training(a, b):
 # ---------------------------------------------------------------------- SIGINT and SIGTERM
 
 
-# The worker case is slow-marked: in the whole suite its first training run, inside the
-# long-lived pytest process, was seen to wait forever (the main process in the DataLoader's
-# data queue, the worker idle in its index queue, nothing in either pipe); alone, or after
-# its own file and the compile tests, it passes. The cause is still open.
 @pytest.mark.parametrize("name,source", [("SIGINT", "npz"), ("SIGTERM", "npz"), ("SIGHUP", "npz"),
-                                         pytest.param("SIGINT", "image files, 1 worker",
-                                                      marks=pytest.mark.slow)])
+                                         ("SIGINT", "image files, 1 worker")])
 def test_a_signal_saves_at_the_end_of_the_update_and_the_run_resumes_exactly(
         name, source, digits, tmp_path, capsys, no_plots):
     """No periodic checkpoint falls in the run (save interval 1000): the one the signal makes

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vq_draw import codec
-from vq_draw.files import atomic_write
+from vq_draw.files import FolderLock, atomic_write
 from vq_draw.checkpoint import save_checkpoint
 
 
@@ -59,3 +59,27 @@ def test_codec_disk_full_is_a_one_line_error_and_keeps_the_old_file(tmp_path, mo
         codec.write_file(path, b"new contents")
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["codes.vqd"]
+
+
+def test_a_lock_dropped_without_release_leaves_a_forked_childs_files_alone(tmp_path):
+    """A lock that is garbage-collected instead of released closes its descriptor; the number
+    is then reused (here by a pipe, as a DataLoader worker's queue reuses it). A forked child
+    must read that pipe, not the /dev/null that a held lock's copy is pointed at."""
+    import gc
+
+    lock = FolderLock(str(tmp_path))
+    number = lock._file.fileno()
+    del lock
+    gc.collect()
+    read_end, write_end = os.pipe()
+    if read_end != number:  # the lowest free number, as a rule; make sure of it
+        os.dup2(read_end, number)
+        os.close(read_end)
+    os.write(write_end, b"batch")
+    pid = os.fork()
+    if pid == 0:  # the child: a worker reading what the main process sent it
+        os._exit(0 if os.read(number, 5) == b"batch" else 1)
+    _, status = os.waitpid(pid, 0)
+    os.close(number)
+    os.close(write_end)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import weakref
 
 try:
     import fcntl
@@ -60,17 +61,22 @@ class FolderInUse(RuntimeError):
         super().__init__(f"{path} is locked by process {holder or '(unknown)'}")
 
 
-# Locks held by this process, by file descriptor: a forked child (a DataLoader worker) must
-# not keep them, or a kill -9 of this process would leave them held until the child exits.
-_held_locks = set()
+# Locks held by this process: a forked child (a DataLoader worker) must not keep them, or a
+# kill -9 of this process would leave them held until the child exits. Weak references, so
+# that a lock dropped without ``release`` (its file then closed by the garbage collector)
+# leaves no stale descriptor number here: the child would otherwise point whatever now has
+# that number (a worker's result pipe, say) at /dev/null, and lose what it writes there.
+_held_locks = weakref.WeakSet()
 
 
 def _drop_locks_in_child():
-    for fd in _held_locks:
+    for lock in list(_held_locks):
+        if lock._file.closed:
+            continue
         # Point the child's copy of the descriptor at /dev/null instead of closing it, so that
         # the child's file object closing it later cannot close an unrelated file.
         null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, fd)
+        os.dup2(null, lock._file.fileno())
         os.close(null)
     _held_locks.clear()
 
@@ -103,7 +109,7 @@ class FolderLock:
         except BaseException:
             self._file.close()
             raise
-        _held_locks.add(self._file.fileno())
+        _held_locks.add(self)
         self._file.truncate(0)
         self._file.write(f"{os.getpid()}\n")
         self._file.flush()
@@ -115,5 +121,5 @@ class FolderLock:
     def release(self):
         """Release the lock (the file stays: removing it could let two processes lock two files)."""
         if not self._file.closed:
-            _held_locks.discard(self._file.fileno())
+            _held_locks.discard(self)
             self._file.close()
